@@ -1,0 +1,35 @@
+# cifar-ensembles: reproduce and extend a CIFAR-10 ResNet-18 study (SAM/ASAM, ASL, EMA,
+# seed ensembles). The README explains the stages; config.yaml documents every setting.
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    dataset=DATASET,
+    experiment="|".join(EXPERIMENTS),
+    seed=r"\d+",
+    split="val|test",
+
+
+include: "workflow/rules/download.smk"
+include: "workflow/rules/prepare.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/predict.smk"
+include: "workflow/rules/ensemble.smk"
+include: "workflow/rules/report.smk"
+
+
+report: "workflow/report/workflow.rst"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True
+
+
+onsuccess:
+    print(f"\nReport: {os.path.abspath(SUMMARY)}  (figures in {os.path.dirname(os.path.abspath(SUMMARY))}/)")

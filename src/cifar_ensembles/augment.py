@@ -1,0 +1,165 @@
+"""Input pipelines: the report's albumentations recipe, torchvision transforms, or none.
+
+Every training image is augmented with its own seed, derived from (run seed, epoch,
+index). That makes the data stream independent of the number of loader workers and lets
+a resumed run replay exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+AUGMENT_NAMES = ("albumentations", "torchvision", "none")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed for one image in one epoch of one run."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def normalization(spec: dict, data_mean, data_std, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std to normalize with: the training set's own, or ImageNet's."""
+    which = spec.get("normalize", "dataset")
+    if which == "dataset":
+        return np.asarray(data_mean, np.float32), np.asarray(data_std, np.float32)
+    if which == "imagenet":
+        if channels == 3:
+            return np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+        return (np.full(channels, np.mean(IMAGENET_MEAN), np.float32),
+                np.full(channels, np.mean(IMAGENET_STD), np.float32))
+    raise UserError(f"augment.normalize: unknown value {which!r}; choose dataset or imagenet")
+
+
+def to_normalized_tensor(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC (or HWC) array -> float32 NCHW (or CHW) tensor, normalized."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    x = x.movedim(-1, -3)
+    shape = (-1, 1, 1)
+    return x.sub_(torch.as_tensor(mean).view(shape)).div_(torch.as_tensor(std).view(shape))
+
+
+class NoAugment:
+    def __init__(self, mean, std):
+        self.mean, self.std = mean, std
+
+    def __call__(self, image: np.ndarray, seed: int) -> torch.Tensor:
+        return to_normalized_tensor(image, self.mean, self.std)
+
+
+class TorchvisionAugment:
+    """RandomCrop with padding and a horizontal flip (torchvision.transforms.v2), then normalize."""
+
+    def __init__(self, spec: dict, image_size: int, mean, std):
+        from torchvision.transforms import v2
+
+        pad = int(spec.get("pad", 4))
+        mode = spec.get("pad_mode", "constant")
+        steps = []
+        if pad:
+            steps.append(v2.RandomCrop(image_size, padding=pad, padding_mode=mode))
+        if spec.get("flip", True):
+            steps.append(v2.RandomHorizontalFlip())
+        self.transform = v2.Compose(steps)
+        self.mean, self.std = mean, std
+
+    def __call__(self, image: np.ndarray, seed: int) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            x = self.transform(x)
+        finally:
+            torch.set_rng_state(state)
+        mean, std = torch.as_tensor(self.mean).view(-1, 1, 1), torch.as_tensor(self.std).view(-1, 1, 1)
+        return x.float().div_(255.0).sub_(mean).div_(std)
+
+
+class AlbumentationsAugment:
+    """The report's single-model recipe: pad + random crop, flip, one cutout hole, normalize."""
+
+    def __init__(self, spec: dict, image_size: int, mean, std):
+        import albumentations as A
+        import cv2
+
+        pad = int(spec.get("pad", 4))
+        border = {"constant": cv2.BORDER_CONSTANT, "reflect": cv2.BORDER_REFLECT_101}[
+            spec.get("pad_mode", "constant")]
+        cutout = spec.get("cutout", {}) or {}
+        steps = []
+        if pad:
+            steps += [A.PadIfNeeded(image_size + 2 * pad, image_size + 2 * pad,
+                                    border_mode=border, fill=0),
+                      A.RandomCrop(image_size, image_size)]
+        if spec.get("flip", True):
+            steps.append(A.HorizontalFlip(p=0.5))
+        holes, size = int(cutout.get("holes", 1)), int(cutout.get("size", 8))
+        if holes > 0 and size > 0:
+            steps.append(A.CoarseDropout(num_holes_range=(holes, holes),
+                                         hole_height_range=(size, size),
+                                         hole_width_range=(size, size),
+                                         fill=cutout.get("fill", 0), p=float(cutout.get("p", 1.0))))
+        steps.append(A.Normalize(mean=tuple(float(m) for m in mean),
+                                 std=tuple(float(s) for s in std), max_pixel_value=255.0))
+        self.transform = A.Compose(steps, seed=0)
+
+    def __call__(self, image: np.ndarray, seed: int) -> torch.Tensor:
+        self.transform.set_random_seed(seed)
+        out = self.transform(image=image)["image"]
+        if out.ndim == 2:
+            out = out[..., None]
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32))
+
+
+def build_train_transform(spec: dict, image_size: int, mean, std):
+    name = spec.get("name", "torchvision")
+    if name == "none":
+        return NoAugment(mean, std)
+    if name == "torchvision":
+        return TorchvisionAugment(spec, image_size, mean, std)
+    if name == "albumentations":
+        return AlbumentationsAugment(spec, image_size, mean, std)
+    raise UserError(f"augment.name: unknown augmentation {name!r}; choose one of "
+                    f"{', '.join(AUGMENT_NAMES)}")
+
+
+class SeededImages(torch.utils.data.Dataset):
+    """Images indexed by (index, seed) pairs, so that the sampler decides the randomness."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index, seed = key
+        return self.transform(self.images[index], seed), int(self.labels[index])
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of (index, sample seed) for one epoch, in a permutation fixed by (seed, epoch).
+
+    `start_batch` skips batches already trained on, for resuming mid-epoch.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int,
+                 drop_last: bool = True, start_batch: int = 0):
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
+        self.drop_last, self.start_batch = drop_last, start_batch
+
+    def __len__(self):
+        full = self.n // self.batch_size
+        total = full if self.drop_last or self.n % self.batch_size == 0 else full + 1
+        return max(total - self.start_batch, 0)
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        total = len(self) + self.start_batch
+        for b in range(self.start_batch, total):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield [(int(i), sample_seed(self.seed, self.epoch, int(i))) for i in idx]

@@ -1,0 +1,388 @@
+"""Train one model for one (experiment, seed): deterministic on CPU, resumable, preemptible.
+
+All randomness derives from the seed: model init from torch's generator, data order and
+augmentation from (seed, epoch, index). A checkpoint (model, optimizer, scheduler, EMA,
+RNG state, position, history) is written after every epoch and on SIGTERM/SIGUSR1, to a
+path Snakemake does not own; rerunning the same job resumes from it and ends with the
+weights an uninterrupted run gives.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from . import __version__
+from .atomic import torch_save, write_text
+from .augment import EpochBatches, SeededImages, build_train_transform, normalization
+from .ema import make_ema
+from .errors import UserError
+from .inference import autocast, predict_logits, resolve_device
+from .losses import build_loss
+from .models import build_model, load_pretrained
+from .optim import SAM, build_optimizer, frozen_bn_stats
+from .schedules import build_scheduler
+
+HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
+                  "ema_val_loss", "ema_val_acc", "seconds", "images_per_second")
+MODEL_FORMAT = "cifar-ensembles/model-1"
+CHECKPOINT_FORMAT = "cifar-ensembles/checkpoint-1"
+NONFINITE_CHECK_EVERY = 16  # steps between host syncs that look for a NaN/inf loss
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGUSR1 arrived; the checkpoint is written and the job should exit non-zero."""
+
+
+class Diverged(UserError):
+    pass
+
+
+@dataclass
+class EpochStats:
+    """Running sums of one epoch, kept in the checkpoint so a mid-epoch resume continues them."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    images: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self):
+        return dict(loss_sum=self.loss_sum, correct=self.correct, images=self.images,
+                    seconds=self.seconds)
+
+
+@dataclass
+class Position:
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches completed within the current epoch
+    history: list = field(default_factory=list)
+    stats: EpochStats = field(default_factory=EpochStats)
+
+
+def fingerprint(spec: dict, seed: int, data: dict) -> str:
+    """What a checkpoint must match to be resumed: the training config (less loader and
+    device settings, which do not change results), the seed and the prepared data."""
+    relevant = {k: v for k, v in spec.items() if k not in ("loader", "device", "seeds")}
+    h = hashlib.sha256(json.dumps([relevant, seed], sort_keys=True, default=str).encode())
+    for key in ("y_train", "y_val", "train_index", "val_index"):
+        if key in data:
+            h.update(np.ascontiguousarray(data[key]).tobytes())
+    return h.hexdigest()
+
+
+class _StopFlag:
+    """Turns SIGTERM / SIGUSR1 (SLURM's warning before a kill) into a flag checked per step."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+
+    def __enter__(self):
+        try:
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._old = {}
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+class Trainer:
+    def __init__(self, spec: dict, data: dict, seed: int, threads: int = 1,
+                 weights_file: str | None = None, log=None):
+        self.spec, self.data, self.seed = spec, data, seed
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        torch.set_num_threads(max(int(threads), 1))
+        self.device = resolve_device(spec.get("device", "auto"))
+        self.precision = spec.get("precision", "fp32")
+        autocast(self.device, self.precision)  # validates the name early
+        self.epochs, self.batch_size = int(spec["epochs"]), int(spec["batch_size"])
+        if self.batch_size > len(data["y_train"]):
+            raise UserError(f"batch_size: {self.batch_size} is larger than the training set "
+                            f"({len(data['y_train'])} images)")
+        x = data["x_train"]
+        self.num_classes, self.in_channels, self.image_size = len(data["classes"]), x.shape[-1], x.shape[1]
+        self.mean, self.std = normalization(spec.get("augment", {}), data["mean"], data["std"],
+                                            self.in_channels)
+
+        torch.manual_seed(seed)
+        self.model = build_model(spec["model"], self.num_classes, self.in_channels)
+        if spec["model"].get("pretrained"):
+            if not weights_file:
+                raise UserError("model.pretrained: pretrained weights need a weights file "
+                                "(the download_weights rule or model.weights_file); training never downloads")
+            load_pretrained(self.model, weights_file)
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(self.model, spec["optimizer"])
+        self.sam = isinstance(self.optimizer, SAM)
+        self.loss_fn = build_loss(spec["loss"])
+        self.steps_per_epoch = len(x) // self.batch_size
+        self.scheduler, self.interval = build_scheduler(self.optimizer, spec.get("scheduler", {}),
+                                                        self.epochs, self.steps_per_epoch)
+        ema_spec = spec.get("ema", {}) or {}
+        self.ema = (make_ema(self.model, float(ema_spec.get("decay", 0.999)),
+                             int(ema_spec.get("warmup_steps", 0)))
+                    if ema_spec.get("enabled") else None)
+
+        transform = build_train_transform(spec.get("augment", {}), self.image_size, self.mean, self.std)
+        self.sampler = EpochBatches(len(x), self.batch_size, seed, 0, drop_last=True)
+        loader = spec.get("loader", {}) or {}
+        workers = loader.get("num_workers")
+        workers = max(int(threads), 1) if workers is None else int(workers)
+        self.loader = torch.utils.data.DataLoader(
+            SeededImages(x, data["y_train"], transform), batch_sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=bool(loader.get("pin_memory", True)) and self.device.type == "cuda",
+            persistent_workers=bool(loader.get("persistent_workers", True)) and workers > 0,
+        )
+        self.position = Position()
+        self.fingerprint = fingerprint(spec, seed, data)
+
+    # ------------------------------------------------------------------ steps
+    def _forward_backward(self, x, y):
+        with autocast(self.device, self.precision):
+            logits = self.model(x)
+            loss = self.loss_fn(logits.float(), y)
+        loss.backward()
+        return loss.detach(), logits.detach()
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One full optimizer step (two passes for SAM/ASAM); returns loss and logits of pass one."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, logits = self._forward_backward(x, y)
+        if self.sam:
+            self.optimizer.first_step(zero_grad=True)
+            with frozen_bn_stats(self.model):
+                self._forward_backward(x, y)
+            self.optimizer.second_step(zero_grad=True)
+        else:
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        if self.interval == "step":
+            self.scheduler.step()
+        return loss, logits
+
+    # ------------------------------------------------------------- checkpoint
+    def state(self) -> dict:
+        p = self.position
+        return {
+            "format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint,
+            "epoch": p.epoch, "batch": p.batch, "history": p.history, "stats": p.stats.as_dict(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+        }
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        torch_save(path, self.state())
+
+    def try_resume(self, path: str | os.PathLike) -> bool:
+        """Resume from `path` if it exists and belongs to this run; say why not otherwise."""
+        path = Path(path)
+        if not path.exists():
+            return False
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            self.log(f"checkpoint {path} is unreadable ({err.__class__.__name__}); starting afresh")
+            return False
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            self.log(f"checkpoint {path} has an unknown format; starting afresh")
+            return False
+        if ckpt.get("fingerprint") != self.fingerprint:
+            self.log(f"checkpoint {path} was written with another config, seed or dataset; starting afresh")
+            return False
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        self.position = Position(ckpt["epoch"], ckpt["batch"], list(ckpt["history"]),
+                                 EpochStats(**ckpt["stats"]))
+        self.log(f"resumed from {path}: epoch {ckpt['epoch'] + 1}, batch {ckpt['batch']}")
+        return True
+
+    # ------------------------------------------------------------------- loop
+    def evaluate(self, model) -> tuple[float, float]:
+        logits = predict_logits(model, self.data["x_val"], self.mean, self.std, self.device,
+                                int(self.spec.get("eval_batch_size", 512)), self.precision)
+        y = torch.as_tensor(self.data["y_val"])
+        loss = float(self.loss_fn(logits, y))
+        return loss, float((logits.argmax(1) == y).float().mean())
+
+    def fit(self, checkpoint: str | os.PathLike | None = None) -> list[dict]:
+        """Train to the last epoch; returns the history rows."""
+        if checkpoint is not None:
+            self.try_resume(checkpoint)
+        self.model.train()
+        with _StopFlag() as stop:
+            while self.position.epoch < self.epochs:
+                self._run_epoch(stop, checkpoint)
+                if checkpoint is not None:
+                    self.save_checkpoint(checkpoint)
+        return self.position.history
+
+    def _run_epoch(self, stop: _StopFlag, checkpoint) -> None:
+        p = self.position
+        epoch, stats = p.epoch, p.stats
+        self.sampler.epoch, self.sampler.start_batch = epoch, p.batch
+        lr = self.optimizer.param_groups[0]["lr"]
+        losses = torch.zeros(self.steps_per_epoch, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        first_batch, checked = p.batch, p.batch
+        tty = sys.stderr.isatty()
+        start = time.perf_counter()
+        non_blocking = self.device.type == "cuda"
+        for x, y in self.loader:
+            x = x.to(self.device, non_blocking=non_blocking)
+            y = y.to(self.device, non_blocking=non_blocking)
+            loss, logits = self.train_step(x, y)
+            losses[p.batch] = loss
+            correct += (logits.argmax(1) == y).sum()
+            p.batch += 1
+            if p.batch - checked >= NONFINITE_CHECK_EVERY or p.batch == self.steps_per_epoch:
+                self._check_finite(losses, checked, p.batch, epoch)
+                checked = p.batch
+                if tty:
+                    print(f"\repoch {epoch + 1}/{self.epochs} batch {p.batch}/{self.steps_per_epoch} "
+                          f"loss {float(losses[p.batch - 1]):.4f}", end="", file=sys.stderr, flush=True)
+            if stop.received is not None:
+                self._check_finite(losses, checked, p.batch, epoch)
+                self._fold(stats, losses, correct, first_batch, p.batch, start)
+                if checkpoint is not None:
+                    self.save_checkpoint(checkpoint)
+                raise Preempted(f"signal {stop.received} at epoch {epoch + 1}, batch {p.batch}: "
+                                f"checkpoint written to {checkpoint}")
+        if tty:
+            print(file=sys.stderr)
+        self._fold(stats, losses, correct, first_batch, p.batch, start)
+        if self.interval == "epoch":
+            self.scheduler.step()
+        val_loss, val_acc = self.evaluate(self.model)
+        ema_loss, ema_acc = self.evaluate(self.ema.module) if self.ema is not None else (None, None)
+        row = dict(epoch=epoch + 1, lr=lr, train_loss=stats.loss_sum / max(stats.images, 1),
+                   train_acc=stats.correct / max(stats.images, 1), val_loss=val_loss, val_acc=val_acc,
+                   ema_val_loss=ema_loss, ema_val_acc=ema_acc, seconds=stats.seconds,
+                   images_per_second=stats.images / max(stats.seconds, 1e-9))
+        p.history.append(row)
+        self.log(format_row(row, self.epochs))
+        self.position = Position(epoch + 1, 0, p.history, EpochStats())
+
+    def _check_finite(self, losses, lo, hi, epoch):
+        window = losses[lo:hi]
+        bad = (~torch.isfinite(window)).nonzero()
+        if len(bad):
+            step = lo + int(bad[0]) + 1
+            raise Diverged(f"training diverged: loss is {float(window[int(bad[0])])} at epoch "
+                           f"{epoch + 1}, step {step}")
+
+    def _fold(self, stats, losses, correct, first, last, start):
+        n = (last - first) * self.batch_size
+        stats.loss_sum += float(losses[first:last].sum()) * self.batch_size
+        stats.correct += int(correct)
+        stats.images += n
+        stats.seconds += time.perf_counter() - start
+
+    def final_model(self) -> torch.nn.Module:
+        """The weights to save and evaluate: the EMA weights when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def model_record(self) -> dict:
+        """What `model.pt` holds: weights plus what predict needs to rebuild the network."""
+        state = {k: v.detach().cpu() for k, v in self.final_model().state_dict().items()}
+        return {"format": MODEL_FORMAT, "model": self.spec["model"], "num_classes": self.num_classes,
+                "in_channels": self.in_channels, "mean": [float(m) for m in self.mean],
+                "std": [float(s) for s in self.std], "ema": self.ema is not None, "state_dict": state}
+
+
+def format_row(row: dict, epochs: int) -> str:
+    text = (f"epoch {row['epoch']}/{epochs}  lr {row['lr']:.2e}  train loss {row['train_loss']:.4f} "
+            f"acc {100 * row['train_acc']:.2f}%  val loss {row['val_loss']:.4f} "
+            f"acc {100 * row['val_acc']:.2f}%")
+    if row.get("ema_val_acc") is not None:
+        text += f"  ema val acc {100 * row['ema_val_acc']:.2f}%"
+    return text + f"  {row['seconds']:.1f}s  {row['images_per_second']:.0f} img/s"
+
+
+def history_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in HISTORY_FIELDS})
+    return buf.getvalue()
+
+
+def versions() -> dict:
+    import torchvision
+
+    out = {"python": platform.python_version(), "cifar_ensembles": __version__,
+           "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+           "numpy": np.__version__}
+    try:
+        import albumentations
+
+        out["albumentations"] = albumentations.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def train_to_files(spec: dict, data: dict, seed: int, out_dir: str | os.PathLike,
+                   checkpoint: str | os.PathLike | None, threads: int = 1,
+                   weights_file: str | None = None, log=None) -> Path:
+    """Train, then write model.pt, history.csv and run.yaml into `out_dir` (atomically)."""
+    out_dir = Path(out_dir)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    trainer = Trainer(spec, data, seed, threads, weights_file, log)
+    trainer.log(f"training seed {seed} on {trainer.device} ({threads} threads): "
+                f"{len(data['y_train'])} images, {trainer.steps_per_epoch} steps/epoch, "
+                f"{trainer.epochs} epochs")
+    history = trainer.fit(checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch_save(out_dir / "model.pt", trainer.model_record())
+    write_text(out_dir / "history.csv", history_csv(history))
+    info = {"seed": seed, "device": str(trainer.device), "threads": threads,
+            "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "train_images": int(len(data["y_train"])), "steps_per_epoch": trainer.steps_per_epoch,
+            "final_weights": "ema" if trainer.ema is not None else "raw",
+            "versions": versions(), "config": spec}
+    if trainer.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(trainer.device)
+    write_text(out_dir / "run.yaml", yaml.safe_dump(info, sort_keys=False))
+    if checkpoint is not None and Path(checkpoint).exists():
+        Path(checkpoint).unlink()
+    final = history[-1] if history else {}
+    if final and not math.isfinite(final["val_loss"]):
+        trainer.log("warning: final validation loss is not finite")
+    return out_dir
+

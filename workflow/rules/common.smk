@@ -1,0 +1,91 @@
+# Helpers shared by the stage files: config validation, experiment resolution, paths.
+import copy
+import json
+import os
+
+from snakemake.utils import validate
+
+# albumentations asks PyPI for updates on import unless told not to (offline clusters).
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+validate(config, "../schemas/config.schema.yaml", set_default=False)
+
+DATASET = config["dataset"]
+DATA = f"resources/{DATASET}/data.npz"
+WEIGHTS = "resources/weights/resnet18_imagenet.pth"
+SUMMARY = "results/report/summary.md"
+EXPERIMENTS = list(config["experiments"])
+
+
+def deep_merge(base, override):
+    """A copy of `base` with `override` merged in, key by key (lists are replaced)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def seeds(experiment):
+    return config["experiments"][experiment]["seeds"]
+
+
+def training_spec(experiment):
+    """The experiment's full training config: defaults plus its overrides, without seeds."""
+    overrides = {k: v for k, v in config["experiments"][experiment].items() if k != "seeds"}
+    return deep_merge(config["training"], overrides)
+
+
+def uses_pretrained(experiment):
+    model = training_spec(experiment)["model"]
+    return model.get("name") == "resnet18" and bool(model.get("pretrained"))
+
+
+def run_dir(experiment, seed):
+    return f"results/{experiment}/seed{seed}"
+
+
+def member_files(name, split=None):
+    """Input function: one file per seed of the experiment, in seed order."""
+
+    def files(wildcards):
+        return [
+            f"{run_dir(wildcards.experiment, s)}/{name.format(split=split)}"
+            for s in seeds(wildcards.experiment)
+        ]
+
+    return files
+
+
+def all_outputs():
+    outputs = [SUMMARY, "results/report/summary.csv"]
+    for experiment in EXPERIMENTS:
+        for figure in ("training_curves", "ensemble_curve"):
+            outputs += [f"results/report/{experiment}/{figure}.{ext}" for ext in ("png", "svg")]
+    return outputs
+
+
+def optional_arg(flag, value):
+    """`--flag value` (quoted) when value is set, else nothing."""
+    if value in (None, ""):
+        return ""
+    return f"{flag} {json.dumps(str(value))}"
+
+
+def summary_inputs(wildcards):
+    files = {}
+    for experiment in EXPERIMENTS:
+        files[experiment] = {
+            "metrics": {
+                str(s): {
+                    split: f"{run_dir(experiment, s)}/metrics_{split}.json"
+                    for split in ("val", "test")
+                }
+                for s in seeds(experiment)
+            },
+            "ensemble": f"results/{experiment}/ensemble.json",
+        }
+    return files

@@ -1,0 +1,31 @@
+# Stage 3: one training job per (experiment, seed). The checkpoint is not an output, so a
+# killed or failed job keeps it and the rerun resumes from it.
+
+
+rule train:
+    input:
+        data=DATA,
+        weights=lambda wc: [WEIGHTS] if uses_pretrained(wc.experiment) else [],
+    output:
+        model="results/{experiment}/seed{seed}/model.pt",
+        history="results/{experiment}/seed{seed}/history.csv",
+        run="results/{experiment}/seed{seed}/run.yaml",
+    params:
+        spec=lambda wc: json.dumps(training_spec(wc.experiment), sort_keys=True),
+        out_dir=lambda wc: run_dir(wc.experiment, wc.seed),
+        checkpoint=lambda wc: f"{run_dir(wc.experiment, wc.seed)}/checkpoint.pt",
+        weights=lambda wc, input: f"--weights {input.weights}" if input.weights else "",
+    log:
+        "logs/train/{experiment}/seed{seed}.log",
+    benchmark:
+        "results/{experiment}/seed{seed}/benchmark.tsv"
+    threads: 4
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "cifar-ensembles train --data {input.data} --spec {params.spec:q} --seed {wildcards.seed} "
+        "--out-dir {params.out_dir} --checkpoint {params.checkpoint} --threads {threads} "
+        "--name {wildcards.experiment}/seed{wildcards.seed} "
+        "{params.weights} 2>&1 | tee {log}"
