@@ -1,7 +1,8 @@
 # cifar-ensembles: reproduce and extend a CIFAR-10 ResNet-18 study (SAM/ASAM, ASL, EMA,
 # seed ensembles). The README explains the stages; config.yaml documents every setting.
 
-configfile: "config.yaml"
+# The documented defaults live beside this file; --configfile files are merged over them.
+configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 include: "workflow/rules/common.smk"

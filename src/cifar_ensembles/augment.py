@@ -64,7 +64,7 @@ class TorchvisionAugment:
             steps.append(v2.RandomCrop(image_size, padding=pad, padding_mode=mode))
         if spec.get("flip", True):
             steps.append(v2.RandomHorizontalFlip())
-        self.transform = v2.Compose(steps)
+        self.transform = v2.Compose(steps) if steps else v2.Identity()
         self.mean, self.std = mean, std
 
     def __call__(self, image: np.ndarray, seed: int) -> torch.Tensor:

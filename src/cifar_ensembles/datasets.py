@@ -13,6 +13,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,8 +75,6 @@ def fetch(dataset: str, out_dir: str | os.PathLike, source: str | None = None,
     """
     check_dataset_name(dataset)
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -83,6 +82,8 @@ def fetch(dataset: str, out_dir: str | os.PathLike, source: str | None = None,
             _fetch_cifar(CIFAR[dataset], staging, source, url, md5)
         else:
             _fetch_fashion_mnist(staging, source, url, md5)
+        if out_dir.exists():  # replaced only once the new files are verified
+            shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
     finally:
         if staging.exists():
@@ -141,7 +142,7 @@ def _fetch_fashion_mnist(staging: Path, source, url, md5) -> None:
         try:
             with gzip.open(gz, "rb") as src, open(raw / gz.stem, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-        except (OSError, EOFError) as err:
+        except (OSError, EOFError, zlib.error) as err:
             raise UserError(f"data.source: {gz}: cannot decompress: {err}") from None
 
 
@@ -199,7 +200,7 @@ def _load_fashion_mnist(raw_dir: Path) -> dict[str, np.ndarray]:
         try:
             arrays[f"x_{split}"] = read_image_file(str(images)).numpy()[..., None]
             arrays[f"y_{split}"] = read_label_file(str(labels)).numpy().astype(np.int64)
-        except (OSError, AssertionError, RuntimeError, ValueError) as err:
+        except (OSError, AssertionError, RuntimeError, ValueError, TypeError, KeyError) as err:
             raise UserError(f"{folder}: not valid Fashion-MNIST IDX files: {err}") from None
     arrays["classes"] = np.array(tvd.FashionMNIST.classes)
     return _checked(arrays, folder)

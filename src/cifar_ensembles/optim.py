@@ -99,9 +99,13 @@ class SAM(torch.optim.Optimizer):
         closure()
         self.second_step()
 
+    def state_dict(self):
+        """The base optimizer's state (momentum, Adam moments): SAM keeps none between steps."""
+        return self.base_optimizer.state_dict()
+
     def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        self.base_optimizer.param_groups = self.param_groups
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
 
 
 @contextlib.contextmanager

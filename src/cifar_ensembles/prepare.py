@@ -9,6 +9,7 @@ quick runs; the validation split does not depend on them.
 from __future__ import annotations
 
 import os
+import zipfile
 
 import numpy as np
 
@@ -81,5 +82,5 @@ def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
         raise UserError(f"{path}: not a prepared dataset: {err}") from None

@@ -60,10 +60,11 @@ class EpochStats:
     correct: int = 0
     images: int = 0
     seconds: float = 0.0
+    lr: float | None = None  # learning rate at the start of the epoch (the history's `lr`)
 
     def as_dict(self):
         return dict(loss_sum=self.loss_sum, correct=self.correct, images=self.images,
-                    seconds=self.seconds)
+                    seconds=self.seconds, lr=self.lr)
 
 
 @dataclass
@@ -114,7 +115,7 @@ class Trainer:
     def __init__(self, spec: dict, data: dict, seed: int, threads: int = 1,
                  weights_file: str | None = None, log=None):
         self.spec, self.data, self.seed = spec, data, seed
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
         torch.set_num_threads(max(int(threads), 1))
         self.device = resolve_device(spec.get("device", "auto"))
         self.precision = spec.get("precision", "fp32")
@@ -174,10 +175,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss, logits = self._forward_backward(x, y)
         if self.sam:
-            self.optimizer.first_step(zero_grad=True)
-            with frozen_bn_stats(self.model):
-                self._forward_backward(x, y)
-            self.optimizer.second_step(zero_grad=True)
+            def perturbed_pass():
+                with frozen_bn_stats(self.model):
+                    self._forward_backward(x, y)
+
+            self.optimizer.step(perturbed_pass)
         else:
             self.optimizer.step()
         if self.ema is not None:
@@ -255,7 +257,8 @@ class Trainer:
         p = self.position
         epoch, stats = p.epoch, p.stats
         self.sampler.epoch, self.sampler.start_batch = epoch, p.batch
-        lr = self.optimizer.param_groups[0]["lr"]
+        if stats.lr is None:
+            stats.lr = self.optimizer.param_groups[0]["lr"]
         losses = torch.zeros(self.steps_per_epoch, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         first_batch, checked = p.batch, p.batch
@@ -289,7 +292,7 @@ class Trainer:
             self.scheduler.step()
         val_loss, val_acc = self.evaluate(self.model)
         ema_loss, ema_acc = self.evaluate(self.ema.module) if self.ema is not None else (None, None)
-        row = dict(epoch=epoch + 1, lr=lr, train_loss=stats.loss_sum / max(stats.images, 1),
+        row = dict(epoch=epoch + 1, lr=stats.lr, train_loss=stats.loss_sum / max(stats.images, 1),
                    train_acc=stats.correct / max(stats.images, 1), val_loss=val_loss, val_acc=val_acc,
                    ema_val_loss=ema_loss, ema_val_acc=ema_acc, seconds=stats.seconds,
                    images_per_second=stats.images / max(stats.seconds, 1e-9))

@@ -15,7 +15,10 @@ DATASET = config["dataset"]
 DATA = f"resources/{DATASET}/data.npz"
 WEIGHTS = "resources/weights/resnet18_imagenet.pth"
 SUMMARY = "results/report/summary.md"
-EXPERIMENTS = list(config["experiments"])
+EXPERIMENTS = config.get("run_experiments") or list(config["experiments"])
+_unknown = [e for e in EXPERIMENTS if e not in config["experiments"]]
+if _unknown:
+    raise ValueError(f"run_experiments: {_unknown[0]!r} is not an experiment in the config")
 
 
 def deep_merge(base, override):
