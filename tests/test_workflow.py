@@ -58,7 +58,8 @@ def snakemake(workdir: Path, config: Path, *args: str, check: bool = True) -> su
            "--cores", "2", *args]
     proc = subprocess.run(cmd, cwd=workdir, env=env(), capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        tail = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{tail}")
     return proc
 
 
