@@ -122,10 +122,14 @@ def test_every_artifact_is_written(finished_run):
         assert summary["chosen_on"] == "val" and 1 <= summary["chosen_k"] <= len(seeds)
         with open(workdir / f"results/{experiment}/ensemble.csv") as f:
             assert [int(r["k"]) for r in csv.DictReader(f)] == list(range(1, len(seeds) + 1))
-        for figure in ("training_curves", "ensemble_curve"):
+        for figure in ("training_curves", "ensemble_curve", "reliability"):
             png = workdir / f"results/report/{experiment}/{figure}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert "<svg" in (workdir / f"results/report/{experiment}/{figure}.svg").read_text()[:2000]
+    for figure in ("accuracy", "cost"):
+        assert (workdir / f"results/report/{figure}.png").read_bytes()[:4] == b"\x89PNG"
+    comparisons = json.loads((workdir / "results/comparisons.json").read_text())
+    assert [(c["a"], c["b"]) for c in comparisons["pairs"]] == [("exp_sgd", "exp_adam")]
     md = (workdir / "results/report/summary.md").read_text()
     assert all(e in md for e in EXPERIMENTS)
     assert (workdir / "results/report/summary.csv").read_text().count("\n") == 1 + len(EXPERIMENTS)
@@ -144,8 +148,9 @@ def test_report_only_change_reruns_only_report_jobs(finished_run, tmp_path):
     path = tmp_path / "dpi.yaml"
     path.write_text(yaml.safe_dump(changed))
     jobs = planned_jobs(workdir, path)
-    assert set(jobs) == {"plot_training_curves", "plot_ensemble_curve", "all"}
-    assert jobs["plot_training_curves"] == len(EXPERIMENTS)
+    assert set(jobs) == {"plot_training_curves", "plot_ensemble_curve", "plot_reliability", "plot_accuracy",
+                         "plot_cost", "all"}
+    assert jobs["plot_training_curves"] == jobs["plot_reliability"] == len(EXPERIMENTS)
 
 
 @pytest.mark.slow
@@ -157,8 +162,9 @@ def test_one_experiment_change_reruns_only_that_experiment(finished_run, tmp_pat
     path.write_text(yaml.safe_dump(dict(config, experiments=experiments)))
     jobs = planned_jobs(workdir, path)
     seeds = len(EXPERIMENTS["exp_adam"])
-    assert jobs == {"train": seeds, "predict": 2 * seeds, "ensemble": 1, "plot_training_curves": 1,
-                    "plot_ensemble_curve": 1, "summary": 1, "all": 1}
+    assert jobs == {"train": seeds, "predict": 2 * seeds, "ensemble": 1, "compare": 1,
+                    "plot_training_curves": 1, "plot_ensemble_curve": 1, "plot_reliability": 1,
+                    "plot_accuracy": 1, "plot_cost": 1, "summary": 1, "all": 1}
     wildcards = re.findall(r"wildcards: (.*)", snakemake(workdir, path, "-n").stdout)
     assert wildcards and all("experiment=exp_adam" in w for w in wildcards)
 

@@ -6,6 +6,7 @@ Nothing here trains or predicts, so figures can be restyled and redrawn in secon
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -92,75 +93,266 @@ def plot_training_curves(history_paths, experiment: str, out_paths, dpi: int = 1
     save_figure(fig, out_paths)
 
 
-def plot_ensemble_curve(ensemble_csv, ensemble_json, experiment: str, out_paths,
-                        published: dict | None = None, dpi: int = 150) -> None:
-    """Accuracy of the first-k-seeds ensemble vs k: hard and soft, validation and test."""
-    curve = read_csv(ensemble_csv)
-    summary = json.loads(Path(ensemble_json).read_text())
-    k = curve["k"]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=dpi)
-    for split in ("val", "test"):
-        for method, style, marker in (("soft", "-", "o"), ("hard", "--", "s")):
-            ax.plot(k, 100 * curve[f"{split}_{method}"], linestyle=style, marker=marker, markersize=4,
-                    color=COLORS[split], label=f"{'validation' if split == 'val' else 'test'}, {method} vote")
-    chosen = summary["chosen_k"]
-    ax.axvline(chosen, color="black", alpha=0.4, linewidth=1)
-    ax.annotate(f"k={chosen} chosen on validation\ntest {100 * summary['test_accuracy']:.2f}%",
-                xy=(chosen, 100 * summary["test_accuracy"]), xytext=(8, -30),
-                textcoords="offset points", fontsize=9,
-                arrowprops=dict(arrowstyle="-", color="black", alpha=0.5))
+def _read_json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: cannot read: {err}") from None
+
+
+def plot_ensemble_curve(ensemble_json, experiment: str, out_paths, published: dict | None = None,
+                        dpi: int = 150) -> None:
+    """Accuracy vs ensemble size on validation (left) and test (right): first k seeds with
+    hard and soft votes, and the mean over random member subsets with a min-max band."""
+    summary = _read_json(ensemble_json)
+    m = len(summary["seeds"])
+    k = np.arange(1, m + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=dpi, sharey=True)
+    for ax, split in zip(axes, ("val", "test")):
+        first, subsets = summary["first_k"][split], summary["subsets"][split]
+        color = COLORS[split]
+        mean = 100 * np.asarray(subsets["soft"]["mean"])
+        ax.fill_between(k, 100 * np.asarray(subsets["soft"]["min"]), 100 * np.asarray(subsets["soft"]["max"]),
+                        color=color, alpha=0.12, linewidth=0, label="random subsets, soft: min-max")
+        std = 100 * np.asarray(subsets["soft"]["std"])
+        ax.fill_between(k, mean - std, mean + std, color=color, alpha=0.22, linewidth=0,
+                        label="random subsets, soft: mean ± std")
+        ax.plot(k, mean, color=color, linewidth=1, linestyle=":", label="random subsets, soft: mean")
+        ax.plot(k, 100 * np.asarray(first["soft"]), color=color, marker="o", markersize=4,
+                label="first k seeds, soft vote")
+        ax.plot(k, 100 * np.asarray(first["hard"]), color=color, marker="s", markersize=4, linestyle="--",
+                alpha=0.8, label="first k seeds, hard vote")
+        greedy = summary.get("greedy")
+        if greedy:
+            ax.plot([greedy["chosen_size"]], [100 * greedy[f"{split}_accuracy"]], marker="D", markersize=7,
+                    color="black", linestyle="none", label="greedy selection (val NLL)")
+        ax.axvline(summary["chosen_k"], color="black", alpha=0.35, linewidth=1)
+        _style(ax, "ensemble size k", "accuracy (%)" if split == "val" else "")
+        ax.set_xticks(k)
+        ax.set_title("validation (k chosen here)" if split == "val" else "test (read once for the chosen k)",
+                     fontsize=10)
+    test_acc = 100 * summary["test_accuracy"]
+    lo, hi = (100 * v for v in summary["test_ci"])
+    axes[1].annotate(f"chosen k={summary['chosen_k']}: {test_acc:.2f}%\n95% CI {lo:.2f}-{hi:.2f}%",
+                     xy=(summary["chosen_k"], test_acc), xytext=(10, -40), textcoords="offset points",
+                     fontsize=9, arrowprops=dict(arrowstyle="-", color="black", alpha=0.5))
     if published and published.get("test_accuracy") is not None:
-        pk = published.get("k", k[-1])
-        ax.plot([pk], [100 * published["test_accuracy"]], marker="*", markersize=13, color="goldenrod",
-                linestyle="none", label=f"report: {100 * published['test_accuracy']:.2f}% (k={pk})")
-    ax.set_xticks(k)
-    _style(ax, "ensemble size k (first k seeds)", "accuracy (%)")
-    ax.legend(frameon=False, fontsize=8, loc="lower right")
-    ax.set_title(f"{experiment}: ensemble accuracy vs size ({summary['method']} vote chosen)")
+        pk = published.get("k", m)
+        axes[1].plot([pk], [100 * published["test_accuracy"]], marker="*", markersize=14, color="goldenrod",
+                     linestyle="none", label=f"the report: {100 * published['test_accuracy']:.2f}% (k={pk})")
+    axes[1].legend(frameon=False, fontsize=8, loc="lower right")
+    fig.suptitle(f"{experiment}: ensemble accuracy vs size ({summary['method']} vote decides k)")
     save_figure(fig, out_paths)
 
 
-def _fmt_pct(values) -> str:
-    values = np.asarray(values, dtype=float)
-    if len(values) == 0:
-        return "-"
+def _reliability_panel(ax, probs, labels, temperature, n_bins, title):
+    from .metrics import expected_calibration_error, reliability_bins, temperature_scale
+
+    width = 1.0 / n_bins
+    for p, color, label, fill in ((probs, COLORS["test"], "as predicted", True),
+                                  (temperature_scale(probs, temperature), "black",
+                                   f"temperature-scaled (T={temperature:.2f})", False)):
+        bins = reliability_bins(p, labels, n_bins)
+        ece = 100 * expected_calibration_error(p, labels, n_bins)
+        ok = bins["count"] > 0
+        centers = bins["edges"][:-1] + width / 2
+        if fill:
+            ax.bar(centers[ok], bins["accuracy"][ok], width=width * 0.9, color=color, alpha=0.55,
+                   label=f"{label}: ECE {ece:.2f}%")
+        else:
+            ax.step(np.r_[bins["edges"][:-1][ok], bins["edges"][1:][ok][-1:]],
+                    np.r_[bins["accuracy"][ok], bins["accuracy"][ok][-1:]], where="post", color=color,
+                    linewidth=1.2, label=f"{label}: ECE {ece:.2f}%")
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    _style(ax, "confidence (max probability)", "accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.legend(frameon=False, fontsize=8, loc="upper left")
+
+
+def plot_reliability(ensemble_json, data_path, test_paths, experiment: str, out_paths,
+                     n_bins: int = 15, dpi: int = 150) -> None:
+    """Reliability diagrams on test of the best single model (by validation accuracy) and of
+    the chosen ensemble, before and after temperature scaling fitted on validation."""
+    from .analysis import load_members, read_labels
+
+    summary = _read_json(ensemble_json)
+    _, y_test = read_labels(data_path)
+    probs = load_members(test_paths, len(y_test), "the test split")
+    seeds = summary["seeds"]
+    best = seeds.index(summary["best_single_seed"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), dpi=dpi)
+    single = summary["singles"][best]
+    _reliability_panel(axes[0], probs[best], y_test, single["calibration"]["temperature"], n_bins,
+                       f"best single model (seed {seeds[best]}), test")
+    k = summary["chosen_k"]
+    _reliability_panel(axes[1], probs[:k].mean(0), y_test, summary["calibration"]["temperature"], n_bins,
+                       f"chosen ensemble (mean of {k} members), test")
+    fig.suptitle(f"{experiment}: reliability diagrams ({n_bins} equal-width bins)")
+    save_figure(fig, out_paths)
+
+
+def plot_accuracy_bars(ensemble_jsons: dict, out_paths, dpi: int = 150) -> None:
+    """Per experiment: mean single-model and chosen-ensemble test accuracy with 95% bootstrap
+    CIs (over test images); dots are the individual seeds."""
+    names = list(ensemble_jsons)
+    summaries = [_read_json(ensemble_jsons[n]) for n in names]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.8 * len(names) + 2), 4.5), dpi=dpi)
+    width = 0.38
+    for offset, key, color, label in ((-width / 2, "single", COLORS["val"], "single model (mean of seeds)"),
+                                      (width / 2, "ensemble", COLORS["test"], "chosen ensemble")):
+        values, lows, highs = [], [], []
+        for s in summaries:
+            if key == "single":
+                v, (lo, hi) = s["single_test_accuracy"]["mean"], s["single_test_accuracy"]["ci_of_mean"]
+            else:
+                v, (lo, hi) = s["test_accuracy"], s["test_ci"]
+            values.append(100 * v)
+            lows.append(100 * (v - lo))
+            highs.append(100 * (hi - v))
+        ax.bar(x + offset, values, width * 0.95, color=color, alpha=0.75, label=label,
+               yerr=[lows, highs], capsize=4, error_kw=dict(linewidth=1))
+        for xi, v in zip(x + offset, values):
+            ax.annotate(f"{v:.2f}%", (xi, 0), xytext=(0, 6), textcoords="offset points", ha="center",
+                        fontsize=8, color="white", fontweight="bold", xycoords=("data", "axes fraction"))
+    for xi, s in zip(x, summaries):
+        seeds = [100 * r["test_accuracy"] for r in s["singles"]]
+        ax.scatter(np.full(len(seeds), xi - width / 2), seeds, color="black", s=10, zorder=3)
+    everything = [100 * r["test_accuracy"] for s in summaries for r in s["singles"]]
+    everything += [100 * s["test_ci"][0] for s in summaries]
+    top = max(100 * s["test_ci"][1] for s in summaries)
+    ax.set_ylim(max(0.0, min(everything) - 2.0), min(100.0, top + 2.0))
+    ax.set_xticks(x, names)
+    _style(ax, "", "test accuracy (%)")
+    ax.legend(frameon=False, fontsize=8)
+    ax.set_title("test accuracy with 95% bootstrap confidence intervals (dots: single seeds)", fontsize=10)
+    save_figure(fig, out_paths)
+
+
+def read_benchmark(path) -> float:
+    """Wall-clock seconds of a job from Snakemake's benchmark file (column `s`, first row)."""
+    try:
+        with open(path, newline="") as f:
+            row = next(csv.DictReader(f, delimiter="\t"))
+        return float(row["s"])
+    except (OSError, StopIteration, KeyError, ValueError) as err:
+        raise UserError(f"{path}: not a Snakemake benchmark file: {err}") from None
+
+
+def cost_table(runs: dict) -> dict[str, dict[str, list[float]]]:
+    """Per experiment: wall seconds per model (benchmark files) and mean training images/second."""
+    out = {}
+    for name, seeds in runs.items():
+        seconds, speed = [], []
+        for files in seeds.values():
+            seconds.append(read_benchmark(files["benchmark"]))
+            speed.append(float(np.nanmean(read_csv(files["history"])["images_per_second"])))
+        out[name] = {"seconds": seconds, "images_per_second": speed}
+    return out
+
+
+def plot_cost(runs: dict, out_paths, dpi: int = 150) -> None:
+    """Training cost per model: wall-clock (GPU-)seconds and training images/second."""
+    costs = cost_table(runs)
+    names = list(costs)
+    x = np.arange(len(names))
+    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(max(8.0, 2.4 * len(names) + 4), 4), dpi=dpi)
+    for ax, key, label, scale in ((ax_t, "seconds", "seconds per model (job wall time)", 1.0),
+                                  (ax_s, "images_per_second", "training images / second", 1.0)):
+        means = [np.mean(costs[n][key]) * scale for n in names]
+        ax.bar(x, means, 0.6, color=COLORS["val"], alpha=0.7)
+        for xi, n in zip(x, names):
+            ax.scatter(np.full(len(costs[n][key]), xi), np.asarray(costs[n][key]) * scale, color="black",
+                       s=10, zorder=3)
+            ax.annotate(f"{np.mean(costs[n][key]) * scale:,.0f}", (xi, 0), xytext=(0, 6),
+                        textcoords="offset points", ha="center", fontsize=8, color="white", fontweight="bold",
+                        xycoords=("data", "axes fraction"))
+        ax.set_xticks(x, names)
+        _style(ax, "", label)
+    fig.suptitle("cost per model (bars: mean, dots: seeds)")
+    save_figure(fig, out_paths)
+
+
+def _pct(v) -> str:
+    return f"{100 * v:.2f}%"
+
+
+def _mean_std(values, scale: float = 100.0, unit: str = "%", digits: int = 2) -> str:
+    values = scale * np.asarray(values, dtype=float)
     if len(values) == 1:
-        return f"{100 * values[0]:.2f}%"
-    return f"{100 * values.mean():.2f} ± {100 * values.std(ddof=1):.2f}%"
+        return f"{values[0]:.{digits}f}{unit}"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}{unit}"
 
 
-def write_summary(experiments: dict, published: dict, out_md, out_csv) -> None:
-    """One row per experiment: single models (mean ± std over seeds), chosen ensemble, report.
-
-    `experiments` maps a name to {"metrics": {seed: {"val": path, "test": path}},
-    "ensemble": path of ensemble.json}.
-    """
-    rows = []
-    for name, files in experiments.items():
-        val = [json.loads(Path(m["val"]).read_text())["accuracy"] for m in files["metrics"].values()]
-        test = [json.loads(Path(m["test"]).read_text())["accuracy"] for m in files["metrics"].values()]
-        ens = json.loads(Path(files["ensemble"]).read_text())
-        pub = (published or {}).get(name, {}) or {}
-        rows.append({
-            "experiment": name, "seeds": len(test),
-            "single_val_acc": _fmt_pct(val), "single_test_acc": _fmt_pct(test),
-            "ensemble": f"{ens['method']} vote, k={ens['chosen_k']}",
-            "ensemble_val_acc": f"{100 * ens['val_accuracy']:.2f}%",
-            "ensemble_test_acc": f"{100 * ens['test_accuracy']:.2f}%",
-            "report": pub.get("note", "-"),
-            "single_test_acc_mean": float(np.mean(test)), "ensemble_test_acc_value": ens["test_accuracy"],
+def write_summary(ensemble_jsons: dict, runs: dict, comparisons_json, published: dict | None,
+                  out_md, out_csv) -> None:
+    """summary.md (tables a reader can scan) and summary.csv (one row per experiment, numbers)."""
+    published = published or {}
+    costs = cost_table(runs)
+    comparisons = _read_json(comparisons_json)["pairs"] if comparisons_json else []
+    rows, csv_rows = [], []
+    for name, path in ensemble_jsons.items():
+        s = _read_json(path)
+        singles = s["singles"]
+        val = [r["val_accuracy"] for r in singles]
+        test = [r["test_accuracy"] for r in singles]
+        ece = [r["calibration"]["before"]["ece"] for r in singles]
+        ece_t = [r["calibration"]["after"]["ece"] for r in singles]
+        nll = [r["calibration"]["before"]["nll"] for r in singles]
+        cal = s["calibration"]
+        pub = published.get(name) or {}
+        lo, hi = s["test_ci"]
+        rows.append([name, str(len(singles)), _mean_std(val), _mean_std(test), _mean_std(nll, 1.0, "", 3),
+                     f"{_mean_std(ece)} → {_mean_std(ece_t)}",
+                     f"{s['method']}, k={s['chosen_k']}", _pct(s["val_accuracy"]),
+                     f"{_pct(s['test_accuracy'])} [{100 * lo:.2f}, {100 * hi:.2f}]",
+                     f"{_pct(cal['before']['ece'])} → {_pct(cal['after']['ece'])}",
+                     f"{np.mean(costs[name]['seconds']):,.0f} s, "
+                     f"{np.mean(costs[name]['images_per_second']):,.0f} img/s",
+                     pub.get("note", "-")])
+        csv_rows.append({
+            "experiment": name, "seeds": len(singles),
+            "single_val_acc_mean": np.mean(val), "single_test_acc_mean": np.mean(test),
+            "single_test_acc_std": np.std(test, ddof=1) if len(test) > 1 else 0.0,
+            "single_test_nll_mean": np.mean(nll), "single_test_ece_mean": np.mean(ece),
+            "single_test_ece_scaled_mean": np.mean(ece_t),
+            "ensemble_method": s["method"], "ensemble_k": s["chosen_k"],
+            "ensemble_val_acc": s["val_accuracy"], "ensemble_test_acc": s["test_accuracy"],
+            "ensemble_test_ci_low": lo, "ensemble_test_ci_high": hi,
+            "ensemble_test_nll": cal["before"]["nll"], "ensemble_test_ece": cal["before"]["ece"],
+            "ensemble_test_ece_scaled": cal["after"]["ece"], "ensemble_temperature": cal["temperature"],
+            "greedy_members": " ".join(str(m) for m in s["greedy"]["members"]),
+            "greedy_test_acc": s["greedy"]["test_accuracy"],
+            "seconds_per_model": np.mean(costs[name]["seconds"]),
+            "train_images_per_second": np.mean(costs[name]["images_per_second"]),
+            "published_test_acc": pub.get("test_accuracy", ""),
         })
-    header = ["experiment", "seeds", "single model, val", "single model, test",
-              "ensemble (chosen on val)", "ensemble, val", "ensemble, test", "the report"]
-    keys = ["experiment", "seeds", "single_val_acc", "single_test_acc", "ensemble",
-            "ensemble_val_acc", "ensemble_test_acc", "report"]
+    header = ["experiment", "seeds", "single: val acc", "single: test acc", "single: test NLL",
+              "single: ECE (→ temp. scaled)", "ensemble (chosen on val)", "ensemble: val acc",
+              "ensemble: test acc [95% CI]", "ensemble: ECE (→ temp. scaled)", "cost per model", "the report"]
     lines = ["# Summary", "",
-             "Single-model accuracy is mean ± standard deviation over seeds. The ensemble size "
-             "is chosen on the validation split; its test accuracy is read once.", "",
+             "Single models: mean ± standard deviation over seeds. The ensemble size is chosen on the "
+             "validation split and its test accuracy is read once; the interval is a 95% percentile "
+             "bootstrap over test images. Temperature scaling is fitted on validation.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if comparisons:
+        lines += ["", "## Paired comparisons (test split, exact McNemar test)", "",
+                  "| A | B | shared seeds | mean single acc A − B | per-seed p-values | "
+                  "ensembles of shared seeds: A vs B | p-value |", "|---|---|---|---|---|---|---|"]
+        for c in comparisons:
+            per_seed = ", ".join(f"{r['p_value']:.3g}" for r in c["per_seed"])
+            e = c["ensemble"]
+            lines.append(f"| {c['a']} | {c['b']} | {len(c['shared_seeds'])} | "
+                         f"{100 * c['mean_single_difference']:+.2f} points | {per_seed} | "
+                         f"{_pct(e['accuracy_a'])} vs {_pct(e['accuracy_b'])} | {e['p_value']:.3g} |")
     write_text(out_md, "\n".join(lines) + "\n")
-    csv_keys = ["experiment", "seeds", "single_test_acc_mean", "ensemble", "ensemble_test_acc_value"]
-    body = [",".join(csv_keys)] + [",".join(f'"{r[k]}"' if k == "ensemble" else str(r[k])
-                                            for k in csv_keys) for r in rows]
-    write_text(out_csv, "\n".join(body) + "\n")
+    keys = list(csv_rows[0]) if csv_rows else ["experiment"]
+    body = io.StringIO()
+    writer = csv.DictWriter(body, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    for r in csv_rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    write_text(out_csv, body.getvalue())

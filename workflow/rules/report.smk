@@ -26,8 +26,7 @@ rule plot_training_curves:
 
 rule plot_ensemble_curve:
     input:
-        csv="results/{experiment}/ensemble.csv",
-        json="results/{experiment}/ensemble.json",
+        "results/{experiment}/ensemble.json",
     output:
         png=report(
             "results/report/{experiment}/ensemble_curve.png",
@@ -46,30 +45,100 @@ rule plot_ensemble_curve:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "cifar-ensembles report ensemble --experiment {wildcards.experiment} "
-        "--inputs {input.csv} {input.json} --published {params.published:q} --dpi {params.dpi} "
+        "cifar-ensembles report ensemble --experiment {wildcards.experiment} --inputs {input} "
+        "--published {params.published:q} --dpi {params.dpi} --out {output.png} {output.svg} 2> {log}"
+
+
+rule plot_reliability:
+    input:
+        json="results/{experiment}/ensemble.json",
+        data=DATA,
+        probs=member_files("probs_{split}.npy", "test"),
+    output:
+        png=report(
+            "results/report/{experiment}/reliability.png",
+            caption="../report/reliability.rst",
+            category="Calibration",
+            labels={"experiment": "{experiment}", "figure": "reliability diagrams"},
+        ),
+        svg="results/report/{experiment}/reliability.svg",
+    params:
+        dpi=config["report"]["dpi"],
+        ece_bins=config["ensemble"]["ece_bins"],
+    log:
+        "logs/report/{experiment}_reliability.log",
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "cifar-ensembles report reliability --experiment {wildcards.experiment} "
+        "--inputs {input.json} {input.data} {input.probs} --ece-bins {params.ece_bins} "
+        "--dpi {params.dpi} --out {output.png} {output.svg} 2> {log}"
+
+
+rule plot_accuracy:
+    input:
+        list(ensemble_jsons().values()),
+    output:
+        png=report(
+            "results/report/accuracy.png",
+            caption="../report/accuracy.rst",
+            category="Summary",
+            labels={"figure": "accuracy per experiment"},
+        ),
+        svg="results/report/accuracy.svg",
+    params:
+        dpi=config["report"]["dpi"],
+        experiments=json.dumps(ensemble_jsons()),
+    log:
+        "logs/report/accuracy.log",
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "cifar-ensembles report accuracy --experiments {params.experiments:q} --dpi {params.dpi} "
+        "--out {output.png} {output.svg} 2> {log}"
+
+
+rule plot_cost:
+    input:
+        flat(run_files()),
+    output:
+        png=report(
+            "results/report/cost.png",
+            caption="../report/cost.rst",
+            category="Cost",
+            labels={"figure": "cost per model"},
+        ),
+        svg="results/report/cost.svg",
+    params:
+        dpi=config["report"]["dpi"],
+        runs=json.dumps(run_files()),
+    log:
+        "logs/report/cost.log",
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "cifar-ensembles report cost --runs {params.runs:q} --dpi {params.dpi} "
         "--out {output.png} {output.svg} 2> {log}"
 
 
 rule summary:
     input:
-        metrics=lambda wc: [
-            path
-            for e in summary_inputs(wc).values()
-            for m in e["metrics"].values()
-            for path in m.values()
-        ],
-        ensembles=expand("results/{experiment}/ensemble.json", experiment=EXPERIMENTS),
+        ensembles=list(ensemble_jsons().values()),
+        runs=flat(run_files()),
+        comparisons="results/comparisons.json",
     output:
-        md=report(SUMMARY, caption="../report/summary.rst", category="Summary"),
+        md=report(SUMMARY, caption="../report/summary.rst", category="Summary",
+                  labels={"figure": "summary table"}),
         csv="results/report/summary.csv",
     params:
-        experiments=lambda wc: json.dumps(summary_inputs(wc)),
+        experiments=json.dumps(ensemble_jsons()),
+        runs=json.dumps(run_files()),
         published=json.dumps(config["report"].get("published") or {}),
     log:
         "logs/report/summary.log",
     conda:
         "../../envs/torch.yaml"
     shell:
-        "cifar-ensembles report summary --experiments {params.experiments:q} "
-        "--published {params.published:q} --out {output.md} {output.csv} 2> {log}"
+        "cifar-ensembles report summary --experiments {params.experiments:q} --runs {params.runs:q} "
+        "--inputs {input.comparisons} --published {params.published:q} "
+        "--out {output.md} {output.csv} 2> {log}"
