@@ -7,7 +7,7 @@ FASHION := /usr/share/datasets/fashion-mnist
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test lint report clean
+.PHONY: demo test test-slurm lint report clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,16 @@ demo: $(STAMP) | $(FASHION)
 	$(BIN)/snakemake --configfile presets/demo.yaml --cores all
 	@echo "Demo report: $(CURDIR)/results/report/summary.md"
 
+# The SLURM tests need a cluster: `make test-slurm` runs them.
 test: $(STAMP) | $(FASHION)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slurm"
+
+# The workflow through profiles/slurm on a throw-away single-node SLURM cluster (as root:
+# installs munge and slurm-wlm when missing); the cluster is stopped even when tests fail.
+test-slurm: $(STAMP)
+	status=0; scripts/slurm-local/start.sh && \
+	$(BIN)/python -m pytest -m slurm tests/test_slurm.py || status=$$?; \
+	scripts/slurm-local/stop.sh; exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -34,7 +42,8 @@ lint: $(STAMP)
 
 # Redraw figures and tables from existing predictions (retrains nothing).
 report: $(STAMP)
-	$(BIN)/snakemake --cores all --forcerun plot_training_curves plot_ensemble_curve summary
+	$(BIN)/snakemake --cores all --forcerun plot_training_curves plot_ensemble_curve plot_reliability \
+		plot_accuracy plot_cost summary
 	$(BIN)/snakemake --report report.html
 
 clean:
