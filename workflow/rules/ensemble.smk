@@ -20,6 +20,7 @@ rule ensemble:
         ece_bins=config["ensemble"]["ece_bins"],
     log:
         "logs/ensemble/{experiment}.log",
+    localrule: True
     conda:
         "../../envs/torch.yaml"
     shell:
@@ -40,6 +41,7 @@ rule compare:
         experiments=json.dumps(test_probs()),
     log:
         "logs/ensemble/compare.log",
+    localrule: True
     conda:
         "../../envs/torch.yaml"
     shell:

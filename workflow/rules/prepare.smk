@@ -13,6 +13,7 @@ rule prepare:
         test_subset=optional_arg("--test-subset", config["data"].get("subset", {}).get("test")),
     log:
         "logs/prepare/{dataset}.log",
+    localrule: True
     conda:
         "../../envs/torch.yaml"
     shell:

@@ -17,6 +17,7 @@ rule plot_training_curves:
         dpi=config["report"]["dpi"],
     log:
         "logs/report/{experiment}_training_curves.log",
+    localrule: True
     conda:
         "../../envs/torch.yaml"
     shell:
@@ -42,6 +43,7 @@ rule plot_ensemble_curve:
         ),
     log:
         "logs/report/{experiment}_ensemble_curve.log",
+    localrule: True
     conda:
         "../../envs/torch.yaml"
     shell:
@@ -67,6 +69,7 @@ rule plot_reliability:
         ece_bins=config["ensemble"]["ece_bins"],
     log:
         "logs/report/{experiment}_reliability.log",
+    localrule: True
     conda:
         "../../envs/torch.yaml"
     shell:
@@ -91,6 +94,7 @@ rule plot_accuracy:
         experiments=json.dumps(ensemble_jsons()),
     log:
         "logs/report/accuracy.log",
+    localrule: True
     conda:
         "../../envs/torch.yaml"
     shell:
@@ -114,6 +118,7 @@ rule plot_cost:
         runs=json.dumps(run_files()),
     log:
         "logs/report/cost.log",
+    localrule: True
     conda:
         "../../envs/torch.yaml"
     shell:
@@ -136,6 +141,7 @@ rule summary:
         published=json.dumps(config["report"].get("published") or {}),
     log:
         "logs/report/summary.log",
+    localrule: True
     conda:
         "../../envs/torch.yaml"
     shell:
