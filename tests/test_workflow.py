@@ -193,3 +193,19 @@ def test_schema_rejects_unknown_key(tmp_path, cifar_archive):
     proc = snakemake(tmp_path, path, "-n", check=False)
     assert proc.returncode != 0
     assert "optimiser" in proc.stdout + proc.stderr
+
+
+def test_pretrained_experiments_fetch_weights_in_their_own_job(tmp_path, cifar_archive):
+    archive, md5 = cifar_archive
+    config = tiny_config(archive, md5)
+    config["experiments"]["exp_adam"]["model"] = {"name": "resnet18", "pretrained": True, "input_size": 64}
+    path = tmp_path / "pretrained.yaml"
+    path.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(tmp_path, path)
+    assert jobs["download_weights"] == 1
+    out = snakemake(tmp_path, path, "-n").stdout
+    weights_inputs = re.findall(r"rule train:\n\s+input: ([^\n]+)", out)
+    assert sum("resnet18_imagenet.pth" in line for line in weights_inputs) == len(EXPERIMENTS["exp_adam"])
+    del config["experiments"]["exp_adam"]["model"]
+    path.write_text(yaml.safe_dump(config))
+    assert "download_weights" not in planned_jobs(tmp_path, path)

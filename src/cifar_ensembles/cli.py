@@ -50,6 +50,7 @@ def cmd_prepare(a) -> None:
 
 def cmd_train(a) -> None:
     from . import prepare
+    from .gpu import claim_gpu_for_job
     from .train import train_to_files
 
     data = prepare.load(a.data)
@@ -57,6 +58,8 @@ def cmd_train(a) -> None:
     if a.name:
         def log(msg):
             print(f"[{a.name}] {msg}", file=sys.stderr, flush=True)
+    # Several GPUs and no scheduler: take a free one (lock held until exit) before CUDA starts.
+    claim_gpu_for_job(str(a.spec.get("device", "auto")) if isinstance(a.spec, dict) else "auto", log)
     train_to_files(a.spec, data, a.seed, a.out_dir, a.checkpoint, a.threads, a.weights, log)
 
 

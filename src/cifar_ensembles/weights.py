@@ -50,5 +50,10 @@ def fetch_weights(out: str | os.PathLike, url: str | None = None, local_file: st
                 raise UserError(f"pretrained_weights.url: {url}: {err}") from None
             except OSError as err:
                 raise UserError(f"pretrained_weights.url: cannot download {url}: {err}") from None
-        check_resnet18_state(tmp)
+        try:
+            check_resnet18_state(tmp)
+        except UserError as err:  # name the user's file or URL and field, not the temporary copy
+            where = (f"pretrained_weights.file: {local_file}" if local_file
+                     else f"pretrained_weights.url: {url}")
+            raise UserError(f"{where}: {str(err).split(f'{tmp}: ', 1)[-1]}") from None
     return out

@@ -2,23 +2,30 @@
 import copy
 import json
 import os
-
-from snakemake.utils import validate
+import sys
 
 # albumentations asks PyPI for updates on import unless told not to (offline clusters).
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+try:
+    from cifar_ensembles.configcheck import validate_config
+except ImportError:  # snakemake from an environment without the package: use the checkout's
+    sys.path.insert(0, os.path.join(workflow.basedir, "src"))
+    from cifar_ensembles.configcheck import validate_config
+from cifar_ensembles.errors import UserError
 
-validate(config, "../schemas/config.schema.yaml", set_default=False)
+# The schema, then what it cannot express, before any job runs. A problem ends the run with
+# one line naming the field (sys.exit's message is all Snakemake prints, no traceback).
+try:
+    validate_config(config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"))
+except UserError as err:
+    sys.exit(f"config error: {err}")
 
 DATASET = config["dataset"]
 DATA = f"resources/{DATASET}/data.npz"
 WEIGHTS = "resources/weights/resnet18_imagenet.pth"
 SUMMARY = "results/report/summary.md"
 EXPERIMENTS = config.get("run_experiments") or list(config["experiments"])
-_unknown = [e for e in EXPERIMENTS if e not in config["experiments"]]
-if _unknown:
-    raise ValueError(f"run_experiments: {_unknown[0]!r} is not an experiment in the config")
 
 
 def deep_merge(base, override):

@@ -1,0 +1,248 @@
+"""GPU claims on multi-GPU workstations, tested on CPUs with fake GPU counts.
+
+Several processes claim distinct GPUs through lock files; a process that ends, even by
+SIGKILL, gives its GPU back; a claimant waits (and says so) while all are taken; the policy
+leaves schedulers, `cpu`, explicit `cuda:N` and one-GPU machines alone; `cifar-ensembles
+train` sets CUDA_VISIBLE_DEVICES before training starts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import multiprocessing as mp
+import os
+import queue
+import time
+
+import numpy as np
+import pytest
+
+from cifar_ensembles import gpu, prepare
+from cifar_ensembles.errors import UserError
+
+CTX = mp.get_context("spawn")  # a clean child: no locks or threads inherited from this process
+WAIT = 30.0  # seconds a test waits for a child before failing
+
+
+def _holder(n_gpus: int, lock_dir: str, events, release) -> None:
+    """Child: claim a GPU, report it, hold it until `release` (its own pipe) speaks or closes.
+
+    One pipe per child, not a shared Event: a SIGKILLed waiter would leave a shared
+    primitive's bookkeeping behind and deadlock the others.
+    """
+    pid = os.getpid()
+    index = gpu.claim_gpu(n_gpus, lock_dir, log=lambda msg: events.put((pid, "log", msg)), poll_seconds=0.05)
+    events.put((pid, "claimed", index))
+    release.poll(60)
+
+
+def _next(events, kind: str, timeout: float = WAIT):
+    """The next event of `kind` (pid, value); other events are skipped."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no {kind!r} event within {timeout}s")
+        try:
+            pid, what, value = events.get(timeout=left)
+        except queue.Empty:
+            continue
+        if what == kind:
+            return pid, value
+
+
+def held_by_someone(lock_dir, index: int) -> bool:
+    """True when another open file holds the lock (flock conflicts even within one process)."""
+    try:
+        fd = os.open(gpu.lock_path(index, lock_dir), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+@pytest.fixture
+def lock_dir(tmp_path):
+    yield tmp_path / "locks"
+    for key in [k for k in gpu._held if k[0] == str(tmp_path / "locks")]:
+        gpu.release_gpu(key[1], key[0])
+
+
+@pytest.mark.parametrize("n_gpus", [0, 1])
+def test_nothing_to_choose_with_fewer_than_two_gpus(lock_dir, n_gpus):
+    assert gpu.claim_gpu(n_gpus, lock_dir) is None
+    assert not lock_dir.exists()
+
+
+def test_processes_claim_distinct_gpus_and_a_killed_holder_releases(lock_dir):
+    events = CTX.Queue()
+    pipes = [CTX.Pipe() for _ in range(4)]
+    holders = [CTX.Process(target=_holder, args=(3, str(lock_dir), events, child))
+               for _, child in pipes[:3]]
+    waiter = CTX.Process(target=_holder, args=(3, str(lock_dir), events, pipes[3][1]))
+    try:
+        for p in holders:
+            p.start()
+        claims = dict(_next(events, "claimed") for _ in holders)
+        assert sorted(claims.values()) == [0, 1, 2]
+        assert all(held_by_someone(lock_dir, i) for i in range(3))
+
+        waiter.start()  # all three taken: it logs that it waits, and claims nothing yet
+        pid, message = _next(events, "log")
+        assert pid == waiter.pid and "all 3 GPUs are claimed" in message and "waiting" in message
+        time.sleep(0.5)
+        assert events.empty(), "the waiter claimed a GPU that was held"
+
+        victim = next(p for p in holders if claims[p.pid] == 1)
+        victim.kill()  # SIGKILL: no cleanup code runs; the kernel drops the flock
+        victim.join(WAIT)
+        pid, index = _next(events, "claimed")
+        assert (pid, index) == (waiter.pid, 1)
+    finally:
+        for parent, _ in pipes:
+            parent.send("release")
+        for p in [*holders, waiter]:
+            if p.pid is not None:
+                p.join(WAIT)
+                if p.is_alive():
+                    p.kill()
+    # every holder has exited: every GPU is free again
+    assert not any(held_by_someone(lock_dir, i) for i in range(3))
+
+
+def test_claim_is_held_for_the_process_and_released_on_request(lock_dir):
+    messages = []
+    assert gpu.claim_gpu(2, lock_dir, log=messages.append) == 0
+    assert "using GPU 0 of 2" in messages[0]
+    assert held_by_someone(lock_dir, 0) and not held_by_someone(lock_dir, 1)
+    assert gpu.claim_gpu(2, lock_dir, log=messages.append) == 0, "a second call keeps this process's GPU"
+    gpu.release_gpu(0, lock_dir)
+    assert not held_by_someone(lock_dir, 0)
+
+
+def test_context_manager_releases_at_the_end_of_the_block(lock_dir):
+    with gpu.claimed_gpu(2, lock_dir, log=lambda m: None) as index:
+        assert index == 0 and held_by_someone(lock_dir, 0)
+    assert not held_by_someone(lock_dir, 0)
+
+
+def test_skips_gpus_held_elsewhere_and_waits_when_all_are(lock_dir):
+    lock_dir.mkdir()
+    fds = []
+    try:
+        for index in (0, 1):  # another "job" holds GPUs 0 and 1
+            fd = os.open(gpu.lock_path(index, lock_dir), os.O_RDONLY | os.O_CREAT, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fds.append(fd)
+        assert gpu.claim_gpu(3, lock_dir, log=lambda m: None) == 2
+        gpu.release_gpu(2, lock_dir)
+
+        messages = []
+        with pytest.raises(TimeoutError):
+            gpu.claim_gpu(2, lock_dir, log=messages.append, poll_seconds=0.02, timeout=0.2)
+        assert len(messages) == 1 and "all 2 GPUs are claimed" in messages[0], messages
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert gpu.claim_gpu(2, lock_dir, log=lambda m: None) == 0
+
+
+def test_unusable_lock_folder_is_one_line(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.raises(UserError, match="GPU lock folder.*CIFAR_ENSEMBLES_GPU_LOCK_DIR"):
+        gpu.claim_gpu(2, not_a_dir / "locks", log=lambda m: None)
+
+
+def test_lock_dir_defaults_to_env_then_temp(monkeypatch, tmp_path):
+    monkeypatch.setenv(gpu.LOCK_DIR_ENV, str(tmp_path))
+    assert gpu.lock_path(3) == tmp_path / "cifar-ensembles-gpu-3.lock"
+    monkeypatch.delenv(gpu.LOCK_DIR_ENV)
+    assert gpu.lock_dir().is_dir()
+
+
+# -------------------------------------------------------------------------- policy
+def test_job_claims_and_sets_cuda_visible_devices(lock_dir):
+    env = {gpu.LOCK_DIR_ENV: str(lock_dir)}
+    assert gpu.claim_gpu_for_job("auto", lambda m: None, env=env, count=lambda: 4) == 0
+    assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert held_by_someone(lock_dir, 0)
+
+    other = {gpu.LOCK_DIR_ENV: str(lock_dir), "CUDA_DEVICE_ORDER": "FASTEST_FIRST"}
+    gpu.release_gpu(0, lock_dir)
+    assert gpu.claim_gpu_for_job("cuda", lambda m: None, env=other, count=lambda: 4) == 0
+    assert other["CUDA_VISIBLE_DEVICES"] == "0" and other["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
+
+
+@pytest.mark.parametrize("device, env, count", [
+    ("cpu", {}, 4),
+    ("cuda:1", {}, 4),
+    ("auto", {"CUDA_VISIBLE_DEVICES": "2"}, 4),
+    ("auto", {"CUDA_VISIBLE_DEVICES": ""}, 4),
+    ("auto", {"SLURM_JOB_ID": "123"}, 4),
+    ("auto", {}, 1),
+    ("cuda", {}, 0),
+], ids=["cpu", "explicit-index", "scheduler-set", "hidden", "slurm", "one-gpu", "no-gpu"])
+def test_job_leaves_the_device_alone(lock_dir, device, env, count):
+    before = dict(env)
+    counted = []
+    assert gpu.claim_gpu_for_job(device, lambda m: None, env=env, count=lambda: counted.append(1) or count,
+                                 lock_dir_path=lock_dir) is None
+    assert env == before
+    assert not lock_dir.exists()
+    if device in ("cpu", "cuda:1") or env:
+        assert not counted, "counted GPUs when no claim could follow"
+
+
+def test_gpu_count_needs_no_cuda():
+    assert gpu.gpu_count() >= 0
+
+
+# ------------------------------------------------------------------------------ CLI
+@pytest.fixture
+def clean_env(monkeypatch, lock_dir):
+    for name in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "CUDA_DEVICE_ORDER"):
+        monkeypatch.setenv(name, "x")  # recorded, so that the undo removes what the CLI sets
+        monkeypatch.delenv(name)
+    monkeypatch.setenv(gpu.LOCK_DIR_ENV, str(lock_dir))
+    return lock_dir
+
+
+@pytest.fixture
+def data_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (32, 8, 8, 3), dtype=np.uint8)
+    mean, std = prepare.channel_stats(x)
+    path = tmp_path / "data.npz"
+    prepare.write(path, dict(x_train=x, y_train=np.arange(32) % 2, x_val=x[:4], y_val=np.arange(4) % 2,
+                             x_test=x[:4], y_test=np.arange(4) % 2, classes=np.array(["a", "b"]),
+                             mean=mean, std=std))
+    return path
+
+
+@pytest.mark.parametrize("device, claims", [("auto", True), ("cuda", True), ("cpu", False)])
+def test_train_command_claims_before_training(monkeypatch, clean_env, data_npz, tmp_path, device, claims):
+    from cifar_ensembles import train
+    from cifar_ensembles.cli import main
+
+    monkeypatch.setattr(gpu, "gpu_count", lambda: 2)
+    seen = {}
+
+    def fake_train(spec, data, seed, out_dir, *args):
+        seen["visible"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        seen["held"] = held_by_someone(clean_env, 0)
+
+    monkeypatch.setattr(train, "train_to_files", fake_train)
+    spec = json.dumps({"device": device, "epochs": 1})
+    assert main(["train", "--data", str(data_npz), "--spec", spec, "--seed", "0",
+                 "--out-dir", str(tmp_path / "run"), "--name", "exp/seed0"]) == 0
+    if claims:
+        assert seen == {"visible": "0", "held": True}
+    else:
+        assert seen == {"visible": None, "held": False}
