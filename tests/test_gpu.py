@@ -1,7 +1,8 @@
 """GPU claims on multi-GPU workstations, tested on CPUs with fake GPU counts.
 
 Several processes claim distinct GPUs through lock files; a process that ends, even by
-SIGKILL, gives its GPU back; a claimant waits (and says so) while all are taken; the policy
+SIGKILL, gives its GPU back; a claimant waits (and says so) while all are taken; jobs that
+share GPUs (jobs_per_gpu) pack onto the fullest GPU with room; the policy
 leaves schedulers, `cpu`, explicit `cuda:N` and one-GPU machines alone; `cifar-ensembles
 train` sets CUDA_VISIBLE_DEVICES before training starts.
 """
@@ -25,14 +26,15 @@ CTX = mp.get_context("spawn")  # a clean child: no locks or threads inherited fr
 WAIT = 30.0  # seconds a test waits for a child before failing
 
 
-def _holder(n_gpus: int, lock_dir: str, events, release) -> None:
+def _holder(n_gpus: int, lock_dir: str, events, release, jobs_per_gpu: int = 1) -> None:
     """Child: claim a GPU, report it, hold it until `release` (its own pipe) speaks or closes.
 
     One pipe per child, not a shared Event: a SIGKILLed waiter would leave a shared
     primitive's bookkeeping behind and deadlock the others.
     """
     pid = os.getpid()
-    index = gpu.claim_gpu(n_gpus, lock_dir, log=lambda msg: events.put((pid, "log", msg)), poll_seconds=0.05)
+    index = gpu.claim_gpu(n_gpus, lock_dir, log=lambda msg: events.put((pid, "log", msg)), poll_seconds=0.05,
+                          jobs_per_gpu=jobs_per_gpu)
     events.put((pid, "claimed", index))
     release.poll(60)
 
@@ -52,19 +54,51 @@ def _next(events, kind: str, timeout: float = WAIT):
             return pid, value
 
 
+def held_slots(lock_dir, index: int) -> int:
+    """Slots of GPU `index` locked by any open file (flock conflicts even within one process)."""
+    held = 0
+    for slot in range(gpu.SLOTS):
+        try:
+            fd = os.open(gpu.slot_path(index, slot, lock_dir), os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            held += 1
+        finally:
+            os.close(fd)
+    return held
+
+
 def held_by_someone(lock_dir, index: int) -> bool:
-    """True when another open file holds the lock (flock conflicts even within one process)."""
-    try:
-        fd = os.open(gpu.lock_path(index, lock_dir), os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
+    return held_slots(lock_dir, index) > 0
+
+
+@pytest.fixture
+def hold(lock_dir):
+    """hold(index, n): lock n slots of GPU `index` the way another job would; freed after the test."""
+    fds = []
+
+    def take(index: int, n: int) -> None:
+        lock_dir.mkdir(exist_ok=True)
+        taken = 0
+        for slot in range(gpu.SLOTS):
+            if taken == n:
+                break
+            fd = os.open(gpu.slot_path(index, slot, lock_dir), os.O_RDONLY | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            fds.append(fd)
+            taken += 1
+        assert taken == n
+
+    yield take
+    for fd in fds:
         os.close(fd)
-    return False
 
 
 @pytest.fixture
@@ -132,25 +166,54 @@ def test_context_manager_releases_at_the_end_of_the_block(lock_dir):
     assert not held_by_someone(lock_dir, 0)
 
 
-def test_skips_gpus_held_elsewhere_and_waits_when_all_are(lock_dir):
-    lock_dir.mkdir()
-    fds = []
-    try:
-        for index in (0, 1):  # another "job" holds GPUs 0 and 1
-            fd = os.open(gpu.lock_path(index, lock_dir), os.O_RDONLY | os.O_CREAT, 0o666)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fds.append(fd)
-        assert gpu.claim_gpu(3, lock_dir, log=lambda m: None) == 2
-        gpu.release_gpu(2, lock_dir)
+def test_skips_gpus_held_elsewhere_and_waits_when_all_are(lock_dir, hold):
+    hold(0, gpu.SLOTS)  # other jobs hold GPU 0 and part of GPU 1
+    hold(1, 1)
+    assert gpu.claim_gpu(3, lock_dir, log=lambda m: None) == 2
+    gpu.release_gpu(2, lock_dir)
 
-        messages = []
-        with pytest.raises(TimeoutError):
-            gpu.claim_gpu(2, lock_dir, log=messages.append, poll_seconds=0.02, timeout=0.2)
-        assert len(messages) == 1 and "all 2 GPUs are claimed" in messages[0], messages
+    messages = []
+    with pytest.raises(TimeoutError):
+        gpu.claim_gpu(2, lock_dir, log=messages.append, poll_seconds=0.02, timeout=1.0)
+    assert len(messages) == 1 and "all 2 GPUs are claimed" in messages[0], messages
+
+
+@pytest.mark.parametrize("held, jobs_per_gpu, expected", [
+    ({0: 4}, 2, 0),        # a half-used GPU takes another half-GPU job: GPU 1 stays whole
+    ({0: 4}, 1, 1),        # a whole-GPU job needs a GPU nobody uses
+    ({0: 6, 1: 4}, 2, 1),  # GPU 0 has 2 slots left, too few for half a GPU
+    ({0: 7, 1: 2}, 8, 0),  # an eighth fits in GPU 0's last slot
+    ({}, 4, 0),
+], ids=["pack", "exclusive", "room", "last-slot", "idle"])
+def test_shared_jobs_pack_onto_the_fullest_gpu_with_room(lock_dir, hold, held, jobs_per_gpu, expected):
+    for index, n in held.items():
+        hold(index, n)
+    assert gpu.claim_gpu(2, lock_dir, log=lambda m: None, jobs_per_gpu=jobs_per_gpu) == expected
+    assert held_slots(lock_dir, expected) == held.get(expected, 0) + gpu.SLOTS // jobs_per_gpu
+
+
+def test_processes_share_gpus_as_declared(lock_dir):
+    events = CTX.Queue()
+    pipes = [CTX.Pipe() for _ in range(4)]
+    procs = [CTX.Process(target=_holder, args=(2, str(lock_dir), events, child, 2)) for _, child in pipes]
+    try:
+        for p in procs:
+            p.start()
+        claims = [_next(events, "claimed")[1] for _ in procs]
+        assert sorted(claims) == [0, 0, 1, 1]
+        assert held_slots(lock_dir, 0) == held_slots(lock_dir, 1) == gpu.SLOTS
     finally:
-        for fd in fds:
-            os.close(fd)
-    assert gpu.claim_gpu(2, lock_dir, log=lambda m: None) == 0
+        for parent, _ in pipes:
+            parent.send("release")
+        for p in procs:
+            p.join(WAIT)
+            if p.is_alive():
+                p.kill()
+
+
+def test_jobs_per_gpu_must_divide_the_slots(lock_dir):
+    with pytest.raises(UserError, match="jobs_per_gpu: 3"):
+        gpu.claim_gpu(2, lock_dir, log=lambda m: None, jobs_per_gpu=3)
 
 
 def test_unusable_lock_folder_is_one_line(tmp_path):
@@ -162,7 +225,7 @@ def test_unusable_lock_folder_is_one_line(tmp_path):
 
 def test_lock_dir_defaults_to_env_then_temp(monkeypatch, tmp_path):
     monkeypatch.setenv(gpu.LOCK_DIR_ENV, str(tmp_path))
-    assert gpu.lock_path(3) == tmp_path / "cifar-ensembles-gpu-3.lock"
+    assert gpu.slot_path(3, 7) == tmp_path / "cifar-ensembles-gpu-3-slot7.lock"
     monkeypatch.delenv(gpu.LOCK_DIR_ENV)
     assert gpu.lock_dir().is_dir()
 
@@ -172,7 +235,7 @@ def test_job_claims_and_sets_cuda_visible_devices(lock_dir):
     env = {gpu.LOCK_DIR_ENV: str(lock_dir)}
     assert gpu.claim_gpu_for_job("auto", lambda m: None, env=env, count=lambda: 4) == 0
     assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
-    assert held_by_someone(lock_dir, 0)
+    assert held_slots(lock_dir, 0) == gpu.SLOTS
 
     other = {gpu.LOCK_DIR_ENV: str(lock_dir), "CUDA_DEVICE_ORDER": "FASTEST_FIRST"}
     gpu.release_gpu(0, lock_dir)
@@ -236,13 +299,13 @@ def test_train_command_claims_before_training(monkeypatch, clean_env, data_npz, 
 
     def fake_train(spec, data, seed, out_dir, *args):
         seen["visible"] = os.environ.get("CUDA_VISIBLE_DEVICES")
-        seen["held"] = held_by_someone(clean_env, 0)
+        seen["held"] = held_slots(clean_env, 0)
 
     monkeypatch.setattr(train, "train_to_files", fake_train)
-    spec = json.dumps({"device": device, "epochs": 1})
+    spec = json.dumps({"device": device, "epochs": 1, "jobs_per_gpu": 4})
     assert main(["train", "--data", str(data_npz), "--spec", spec, "--seed", "0",
                  "--out-dir", str(tmp_path / "run"), "--name", "exp/seed0"]) == 0
     if claims:
-        assert seen == {"visible": "0", "held": True}
+        assert seen == {"visible": "0", "held": gpu.SLOTS // 4}  # jobs_per_gpu reaches the claim
     else:
-        assert seen == {"visible": None, "held": False}
+        assert seen == {"visible": None, "held": 0}

@@ -59,7 +59,8 @@ def cmd_train(a) -> None:
         def log(msg):
             print(f"[{a.name}] {msg}", file=sys.stderr, flush=True)
     # Several GPUs and no scheduler: take a free one (lock held until exit) before CUDA starts.
-    claim_gpu_for_job(str(a.spec.get("device", "auto")) if isinstance(a.spec, dict) else "auto", log)
+    spec = a.spec if isinstance(a.spec, dict) else {}
+    claim_gpu_for_job(str(spec.get("device", "auto")), log, int(spec.get("jobs_per_gpu", 1)))
     train_to_files(a.spec, data, a.seed, a.out_dir, a.checkpoint, a.threads, a.weights, log)
 
 

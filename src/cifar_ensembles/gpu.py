@@ -1,12 +1,15 @@
-"""One GPU per training job on a multi-GPU workstation.
+"""One GPU per training job (or a share of one) on a multi-GPU workstation.
 
 Snakemake's `--resources gpu=N` limits how many GPU jobs run at once but assigns no device
 to local jobs, so every job would pick GPU 0. Before CUDA is initialised, a training job
-therefore claims a free GPU with an exclusive lock file
-(`<lock dir>/cifar-ensembles-gpu-<index>.lock`, `fcntl.flock`) and sets
-`CUDA_VISIBLE_DEVICES` to it. The lock is held for the life of the process; the kernel drops
-it when the process ends, however it ends (SIGKILL included), so there is nothing stale to
-clean up. When every GPU is claimed the job logs a line and waits.
+therefore claims a GPU with lock files and sets `CUDA_VISIBLE_DEVICES` to it. Each GPU has
+8 slots, one lock file each (`<lock dir>/cifar-ensembles-gpu-<index>-slot<j>.lock`,
+exclusive `fcntl.flock`); a job takes 8 / `jobs_per_gpu` slots of one GPU (all 8 by
+default: the GPU is its own), on the fullest GPU that still has room, so jobs that share
+pack together and leave whole GPUs free for jobs that do not. The locks are held for the
+life of the process; the kernel drops them when the process ends, however it ends (SIGKILL
+included), so there is nothing stale to clean up. When no GPU has room the job logs a line
+and waits.
 
 Nothing happens when a scheduler already chose the devices (`CUDA_VISIBLE_DEVICES` or
 `SLURM_JOB_ID` set), when fewer than two GPUs are visible, or when the device is `cpu` or an
@@ -22,6 +25,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import random
 import re
 import sys
 import tempfile
@@ -33,11 +37,12 @@ from .errors import UserError
 
 LOCK_DIR_ENV = "CIFAR_ENSEMBLES_GPU_LOCK_DIR"
 LOCK_PREFIX = "cifar-ensembles-gpu-"
+SLOTS = 8  # per GPU; a job takes SLOTS // jobs_per_gpu of them (the workflow's gpu_slots)
 SCHEDULER_ENV = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID")
 POLL_SECONDS = 10.0
 REMIND_SECONDS = 600.0
 
-_held: dict[tuple[str, int], int] = {}  # (lock dir, index) -> open fd holding the lock
+_held: dict[tuple[str, int], list[int]] = {}  # (lock dir, index) -> open fds holding its slots
 
 
 def lock_dir(path: str | os.PathLike | None = None) -> Path:
@@ -45,8 +50,8 @@ def lock_dir(path: str | os.PathLike | None = None) -> Path:
     return Path(path or os.environ.get(LOCK_DIR_ENV) or tempfile.gettempdir())
 
 
-def lock_path(index: int, directory: str | os.PathLike | None = None) -> Path:
-    return lock_dir(directory) / f"{LOCK_PREFIX}{index}.lock"
+def slot_path(index: int, slot: int, directory: str | os.PathLike | None = None) -> Path:
+    return lock_dir(directory) / f"{LOCK_PREFIX}{index}-slot{slot}.lock"
 
 
 def _open_lock(path: Path) -> int:
@@ -78,53 +83,86 @@ def _try_lock(path: Path) -> int | None:
     return fd
 
 
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)  # closing the only fd of an open file releases its flock
+
+
+def _take(index: int, need: int, directory: Path) -> list[int] | None:
+    """Locks on `need` free slots of GPU `index`, or None (and nothing held) when it has fewer."""
+    fds = []
+    for slot in range(SLOTS):
+        fd = _try_lock(slot_path(index, slot, directory))
+        if fd is not None:
+            fds.append(fd)
+            if len(fds) == need:
+                return fds
+    _close(fds)
+    return None
+
+
+def _free_slots(index: int, directory: Path) -> int:
+    fds = [fd for slot in range(SLOTS) if (fd := _try_lock(slot_path(index, slot, directory))) is not None]
+    _close(fds)
+    return len(fds)
+
+
 def claim_gpu(n_gpus: int, lock_dir_path: str | os.PathLike | None = None,
               log: Callable[[str], None] | None = None, poll_seconds: float = POLL_SECONDS,
-              timeout: float | None = None) -> int | None:
-    """Claim one of `n_gpus` GPUs for the rest of this process; returns its index.
+              timeout: float | None = None, jobs_per_gpu: int = 1) -> int | None:
+    """Claim one of `n_gpus` GPUs (or a 1/`jobs_per_gpu` share) for the rest of this process.
 
-    None when there is nothing to choose (`n_gpus` < 2). Tries 0, 1, ... and takes the first
-    whose lock is free; when all are held, logs once (and every 10 minutes) and retries every
-    `poll_seconds`. `timeout` (seconds, None: forever) raises TimeoutError; for tests.
+    Returns the GPU's index, or None when there is nothing to choose (`n_gpus` < 2). Takes
+    the fullest GPU that still has room (lowest index on a tie); when none has, logs once
+    (and every 10 minutes) and retries every `poll_seconds`. `timeout` (seconds, None:
+    forever) raises TimeoutError; for tests.
     """
     if n_gpus < 2:
         return None
+    if jobs_per_gpu not in (1, 2, 4, 8):
+        raise UserError(f"jobs_per_gpu: {jobs_per_gpu!r} must be 1, 2, 4 or 8")
+    need = SLOTS // jobs_per_gpu
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     directory = lock_dir(lock_dir_path)
+    for index in range(n_gpus):
+        if (str(directory), index) in _held:  # this process has its GPU already
+            return index
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"{directory}: cannot create the GPU lock folder ({err.strerror}); "
                         f"set {LOCK_DIR_ENV}") from None
+    share = "" if jobs_per_gpu == 1 else f", shared by up to {jobs_per_gpu} jobs"
     start = time.monotonic()
     reminded = None
+    quick = 0  # first passes retried soon: a job starting beside us holds slots briefly while it looks
     while True:
-        for index in range(n_gpus):
-            key = (str(directory), index)
-            if key in _held:  # this process holds it already
+        free = {i: _free_slots(i, directory) for i in range(n_gpus)}
+        for index in sorted((i for i in free if free[i] >= need), key=lambda i: (free[i], i)):
+            fds = _take(index, need, directory)
+            if fds is not None:  # (None: another job took the room since we looked)
+                _held[(str(directory), index)] = fds
+                waited = f", after waiting {time.monotonic() - start:.0f}s" if reminded is not None else ""
+                log(f"using GPU {index} of {n_gpus}{share} (locks {directory}/"
+                    f"{LOCK_PREFIX}{index}-slot*.lock{waited})")
                 return index
-            fd = _try_lock(lock_path(index, directory))
-            if fd is not None:
-                _held[key] = fd
-                waited = time.monotonic() - start
-                log(f"using GPU {index} of {n_gpus} (lock {lock_path(index, directory)}"
-                    + (f", after waiting {waited:.0f}s)" if reminded is not None else ")"))
-                return index
+        if quick < 3:
+            quick += 1
+            time.sleep(random.uniform(0.02, 0.2))
+            continue
         now = time.monotonic()
         if timeout is not None and now - start >= timeout:
-            raise TimeoutError(f"all {n_gpus} GPUs stayed claimed for {timeout}s")
+            raise TimeoutError(f"no GPU of {n_gpus} had room for {timeout}s")
         if reminded is None or now - reminded >= REMIND_SECONDS:
             log(f"all {n_gpus} GPUs are claimed by other cifar-ensembles jobs (lock files "
-                f"{directory}/{LOCK_PREFIX}*.lock); waiting for one to finish")
+                f"{directory}/{LOCK_PREFIX}*.lock); waiting for room")
             reminded = now
         time.sleep(poll_seconds)
 
 
 def release_gpu(index: int, lock_dir_path: str | os.PathLike | None = None) -> None:
     """Give a claimed GPU back before the process ends (the process's exit does it otherwise)."""
-    fd = _held.pop((str(lock_dir(lock_dir_path)), index), None)
-    if fd is not None:
-        os.close(fd)  # closing the last fd of the open file releases the flock
+    _close(_held.pop((str(lock_dir(lock_dir_path)), index), []))
 
 
 @contextlib.contextmanager
@@ -167,7 +205,7 @@ def gpu_count() -> int:
         return 0
 
 
-def claim_gpu_for_job(device: str, log: Callable[[str], None] | None = None,
+def claim_gpu_for_job(device: str, log: Callable[[str], None] | None = None, jobs_per_gpu: int = 1,
                       env: MutableMapping[str, str] | None = None,
                       count: Callable[[], int] | None = None,
                       lock_dir_path: str | os.PathLike | None = None, **kwargs) -> int | None:
@@ -186,7 +224,7 @@ def claim_gpu_for_job(device: str, log: Callable[[str], None] | None = None,
     n = (count or gpu_count)()
     if n < 2:
         return None
-    index = claim_gpu(n, lock_dir_path or env.get(LOCK_DIR_ENV), log, **kwargs)
+    index = claim_gpu(n, lock_dir_path or env.get(LOCK_DIR_ENV), log, jobs_per_gpu=jobs_per_gpu, **kwargs)
     if index is not None:
         env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # index = nvidia-smi's, in every job
         env["CUDA_VISIBLE_DEVICES"] = str(index)
