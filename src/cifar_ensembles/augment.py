@@ -35,12 +35,22 @@ def normalization(spec: dict, data_mean, data_std, channels: int) -> tuple[np.nd
     raise UserError(f"augment.normalize: unknown value {which!r}; choose dataset or imagenet")
 
 
+def normalize_tensor(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 NHWC (or HWC) tensor, on any device -> float32 NCHW (or CHW) tensor, normalized.
+
+    The same float32 operations everywhere (x / 255, - mean, / std), so the CPU pipelines,
+    the batched device path and inference give bit-identical values for the same pixels.
+    """
+    x = images.float().div_(255.0).movedim(-1, -3)
+    shape = (-1, 1, 1)
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(shape)
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(shape)
+    return x.sub_(mean).div_(std)
+
+
 def to_normalized_tensor(images: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
     """uint8 NHWC (or HWC) array -> float32 NCHW (or CHW) tensor, normalized."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
-    x = x.movedim(-1, -3)
-    shape = (-1, 1, 1)
-    return x.sub_(torch.as_tensor(mean).view(shape)).div_(torch.as_tensor(std).view(shape))
+    return normalize_tensor(torch.from_numpy(np.ascontiguousarray(images)), mean, std)
 
 
 class NoAugment:
@@ -69,12 +79,16 @@ class TorchvisionAugment:
 
     def __call__(self, image: np.ndarray, seed: int) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        state = torch.get_rng_state()
-        torch.manual_seed(seed)
+        # v2 transforms draw from the CPU default generator: seed (and restore) only that one.
+        # torch.manual_seed would also (lazily) reseed CUDA, recording a stack trace per call
+        # on a CUDA build, which made this transform ~10x slower than its own work.
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
         try:
             x = self.transform(x)
         finally:
-            torch.set_rng_state(state)
+            generator.set_state(state)
         mean, std = torch.as_tensor(self.mean).view(-1, 1, 1), torch.as_tensor(self.std).view(-1, 1, 1)
         return x.float().div_(255.0).sub_(mean).div_(std)
 

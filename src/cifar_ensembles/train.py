@@ -16,6 +16,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -31,7 +32,8 @@ from .atomic import torch_save, write_text
 from .augment import EpochBatches, SeededImages, build_train_transform, normalization
 from .ema import make_ema
 from .errors import UserError
-from .inference import autocast, predict_logits, resolve_device
+from .gpu_augment import AUGMENT_DEVICES, BatchedAugment, DeviceBatches
+from .inference import autocast, predict_logits, resolve_device, to_channels_last
 from .losses import build_loss
 from .models import build_model, load_pretrained
 from .optim import SAM, build_optimizer, frozen_bn_stats
@@ -42,6 +44,10 @@ HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc
 MODEL_FORMAT = "cifar-ensembles/model-1"
 CHECKPOINT_FORMAT = "cifar-ensembles/checkpoint-1"
 NONFINITE_CHECK_EVERY = 16  # steps between host syncs that look for a NaN/inf loss
+# Settings that change speed, not results (beyond floating-point rounding): a checkpoint
+# written with other values of these is still resumed.
+SPEED_ONLY_KEYS = ("loader", "device", "seeds", "channels_last", "compile", "cudnn_benchmark",
+                   "jobs_per_gpu")
 
 
 class Preempted(Exception):
@@ -61,10 +67,11 @@ class EpochStats:
     images: int = 0
     seconds: float = 0.0
     lr: float | None = None  # learning rate at the start of the epoch (the history's `lr`)
+    data_wait: float = 0.0  # seconds of `seconds` spent waiting for the next batch
 
     def as_dict(self):
         return dict(loss_sum=self.loss_sum, correct=self.correct, images=self.images,
-                    seconds=self.seconds, lr=self.lr)
+                    seconds=self.seconds, lr=self.lr, data_wait=self.data_wait)
 
 
 @dataclass
@@ -76,9 +83,13 @@ class Position:
 
 
 def fingerprint(spec: dict, seed: int, data: dict) -> str:
-    """What a checkpoint must match to be resumed: the training config (less loader and
-    device settings, which do not change results), the seed and the prepared data."""
-    relevant = {k: v for k, v in spec.items() if k not in ("loader", "device", "seeds")}
+    """What a checkpoint must match to be resumed: the training config (less loader, device
+    and speed settings, which do not change results), the seed and the prepared data."""
+    relevant = {k: v for k, v in spec.items() if k not in SPEED_ONLY_KEYS}
+    augment = relevant.get("augment")
+    if isinstance(augment, dict) and augment.get("device", "cpu") == "cpu":
+        # the default input path: fingerprints match those written before the key existed
+        relevant["augment"] = {k: v for k, v in augment.items() if k != "device"}
     h = hashlib.sha256(json.dumps([relevant, seed], sort_keys=True, default=str).encode())
     for key in ("y_train", "y_val", "train_index", "val_index"):
         if key in data:
@@ -111,6 +122,28 @@ class _StopFlag:
             signal.signal(s, handler)
 
 
+def resolve_compile(value, device: torch.device) -> str | None:
+    """`training.compile` -> the torch.compile mode to use (None: eager).
+
+    `true` is inductor's default mode; `reduce-overhead` adds CUDA graphs (worth it for small
+    batches, where kernel launches dominate) and on a CPU falls back to the default mode.
+    On a CPU inductor compiles C++, so a missing compiler is reported here, in one line.
+    """
+    if value is False or value is None:
+        return None
+    if value is True:
+        mode = "default"
+    elif value == "reduce-overhead":
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+    else:
+        raise UserError(f"compile: unknown value {value!r}; choose false, true or reduce-overhead")
+    if device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++")
+                                     or shutil.which("c++") or shutil.which("clang++")):
+        raise UserError("compile: torch.compile on the CPU needs a C++ compiler (g++, c++ or clang++) "
+                        "and none is on PATH; install one or set compile: false")
+    return mode
+
+
 class Trainer:
     def __init__(self, spec: dict, data: dict, seed: int, threads: int = 1,
                  weights_file: str | None = None, log=None):
@@ -120,6 +153,11 @@ class Trainer:
         self.device = resolve_device(spec.get("device", "auto"))
         self.precision = spec.get("precision", "fp32")
         autocast(self.device, self.precision)  # validates the name early
+        self.channels_last = bool(spec.get("channels_last", False))
+        self.compile_mode = resolve_compile(spec.get("compile", False), self.device)
+        self.cudnn_benchmark = bool(spec.get("cudnn_benchmark", True))
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = self.cudnn_benchmark
         self.epochs, self.batch_size = int(spec["epochs"]), int(spec["batch_size"])
         if self.batch_size > len(data["y_train"]):
             raise UserError(f"batch_size: {self.batch_size} is larger than the training set "
@@ -137,6 +175,14 @@ class Trainer:
                                 "(the download_weights rule or model.weights_file); training never downloads")
             load_pretrained(self.model, weights_file)
         self.model.to(self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        # the module that runs training steps: the model itself, or its compiled wrapper (which
+        # shares its parameters; self.model keeps the plain state_dict keys)
+        self.step_model = self.model
+        if self.compile_mode is not None:
+            self.step_model = torch.compile(self.model, mode=self.compile_mode)
+        self._compile_checked = self.compile_mode is None
         self.optimizer = build_optimizer(self.model, spec["optimizer"])
         self.sam = isinstance(self.optimizer, SAM)
         self.loss_fn = build_loss(spec["loss"])
@@ -148,32 +194,75 @@ class Trainer:
                              int(ema_spec.get("warmup_steps", 0)))
                     if ema_spec.get("enabled") else None)
 
-        transform = build_train_transform(spec.get("augment", {}), self.image_size, self.mean, self.std)
-        self.sampler = EpochBatches(len(x), self.batch_size, seed, 0, drop_last=True)
+        augment = spec.get("augment", {}) or {}
+        self.augment_device = augment.get("device", "cpu")
+        if self.augment_device not in AUGMENT_DEVICES:
+            raise UserError(f"augment.device: unknown value {self.augment_device!r}; choose cpu or gpu")
         loader = spec.get("loader", {}) or {}
-        workers = loader.get("num_workers")
-        workers = max(int(threads), 1) if workers is None else int(workers)
-        self.loader = torch.utils.data.DataLoader(
-            SeededImages(x, data["y_train"], transform), batch_sampler=self.sampler,
-            num_workers=workers,
-            pin_memory=bool(loader.get("pin_memory", True)) and self.device.type == "cuda",
-            persistent_workers=bool(loader.get("persistent_workers", True)) and workers > 0,
-        )
+        if self.augment_device == "gpu":
+            # the data lives on the training device and batches are augmented there
+            batched = BatchedAugment(augment, self.image_size, self.mean, self.std, self.device,
+                                     self.channels_last)
+            self.loader = DeviceBatches(x, data["y_train"], batched, self.batch_size, seed, self.device)
+            self.sampler = self.loader
+            self.num_workers, self.pin_memory, self.persistent_workers = 0, False, False
+        else:
+            transform = build_train_transform(augment, self.image_size, self.mean, self.std)
+            self.sampler = EpochBatches(len(x), self.batch_size, seed, 0, drop_last=True)
+            workers = loader.get("num_workers")
+            self.num_workers = max(int(threads), 1) if workers is None else int(workers)
+            self.pin_memory = bool(loader.get("pin_memory", True)) and self.device.type == "cuda"
+            self.persistent_workers = bool(loader.get("persistent_workers", True)) and self.num_workers > 0
+            self.loader = torch.utils.data.DataLoader(
+                SeededImages(x, data["y_train"], transform), batch_sampler=self.sampler,
+                num_workers=self.num_workers, pin_memory=self.pin_memory,
+                persistent_workers=self.persistent_workers,
+            )
+        self.timing: list[dict] = []  # per epoch run in this process: seconds, data-wait seconds
         self.position = Position()
         self.fingerprint = fingerprint(spec, seed, data)
+
+    def effective(self) -> dict:
+        """The settings this run resolved to (run.yaml's `effective` section)."""
+        return {"device": str(self.device), "precision": self.precision,
+                "channels_last": self.channels_last,
+                "compile": self.compile_mode if self.compile_mode is not None else False,
+                "cudnn_benchmark": self.cudnn_benchmark if self.device.type == "cuda" else None,
+                "augment_device": self.augment_device, "num_workers": self.num_workers,
+                "pin_memory": self.pin_memory, "persistent_workers": self.persistent_workers,
+                "torch_threads": torch.get_num_threads()}
 
     # ------------------------------------------------------------------ steps
     def _forward_backward(self, x, y):
         with autocast(self.device, self.precision):
-            logits = self.model(x)
+            logits = self.step_model(x)
             loss = self.loss_fn(logits.float(), y)
         loss.backward()
         return loss.detach(), logits.detach()
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One full optimizer step (two passes for SAM/ASAM); returns loss and logits of pass one."""
+        if self._compile_checked:
+            return self._train_step(x, y)
+        try:  # the first compiled step compiles: report a failure as a config problem
+            out = self._train_step(x, y)
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            raise UserError(f"compile: torch.compile (mode {self.compile_mode}) failed on the first "
+                            f"training step on {self.device} ({err.__class__.__name__}: {first}); "
+                            "set compile: false to train without it") from err
+        self._compile_checked = True
+        return out
+
+    def _train_step(self, x, y):
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         self.optimizer.zero_grad(set_to_none=True)
         loss, logits = self._forward_backward(x, y)
+        if self.compile_mode == "reduce-overhead":  # CUDA graph outputs are overwritten by the next replay
+            loss, logits = loss.clone(), logits.clone()
         if self.sam:
             def perturbed_pass():
                 with frozen_bn_stats(self.model):
@@ -265,9 +354,18 @@ class Trainer:
         tty = sys.stderr.isatty()
         start = time.perf_counter()
         non_blocking = self.device.type == "cuda"
-        for x, y in self.loader:
+        batches, wait = iter(self.loader), 0.0
+        while True:
+            t0 = time.perf_counter()
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                break
+            wait += time.perf_counter() - t0  # data wait: time the loop stood still for a batch
             x = x.to(self.device, non_blocking=non_blocking)
             y = y.to(self.device, non_blocking=non_blocking)
+            if self.channels_last:
+                x = to_channels_last(x)
             loss, logits = self.train_step(x, y)
             losses[p.batch] = loss
             correct += (logits.argmax(1) == y).sum()
@@ -280,14 +378,14 @@ class Trainer:
                           f"loss {float(losses[p.batch - 1]):.4f}", end="", file=sys.stderr, flush=True)
             if stop.received is not None:
                 self._check_finite(losses, checked, p.batch, epoch)
-                self._fold(stats, losses, correct, first_batch, p.batch, start)
+                self._fold(stats, losses, correct, first_batch, p.batch, start, wait)
                 if checkpoint is not None:
                     self.save_checkpoint(checkpoint)
                 raise Preempted(f"signal {stop.received} at epoch {epoch + 1}, batch {p.batch}: "
                                 f"checkpoint written to {checkpoint}")
         if tty:
             print(file=sys.stderr)
-        self._fold(stats, losses, correct, first_batch, p.batch, start)
+        self._fold(stats, losses, correct, first_batch, p.batch, start, wait)
         if self.interval == "epoch":
             self.scheduler.step()
         val_loss, val_acc = self.evaluate(self.model)
@@ -297,7 +395,10 @@ class Trainer:
                    ema_val_loss=ema_loss, ema_val_acc=ema_acc, seconds=stats.seconds,
                    images_per_second=stats.images / max(stats.seconds, 1e-9))
         p.history.append(row)
-        self.log(format_row(row, self.epochs))
+        self.timing.append({"epoch": epoch + 1, "seconds": stats.seconds,
+                            "data_wait_seconds": stats.data_wait})
+        self.log(format_row(row, self.epochs)
+                 + f"  data wait {100 * stats.data_wait / max(stats.seconds, 1e-9):.1f}%")
         self.position = Position(epoch + 1, 0, p.history, EpochStats())
 
     def _check_finite(self, losses, lo, hi, epoch):
@@ -308,12 +409,13 @@ class Trainer:
             raise Diverged(f"training diverged: loss is {float(window[int(bad[0])])} at epoch "
                            f"{epoch + 1}, step {step}")
 
-    def _fold(self, stats, losses, correct, first, last, start):
+    def _fold(self, stats, losses, correct, first, last, start, wait=0.0):
         n = (last - first) * self.batch_size
         stats.loss_sum += float(losses[first:last].sum()) * self.batch_size
         stats.correct += int(correct)
         stats.images += n
         stats.seconds += time.perf_counter() - start
+        stats.data_wait += wait
 
     def final_model(self) -> torch.nn.Module:
         """The weights to save and evaluate: the EMA weights when EMA is on."""
@@ -321,7 +423,7 @@ class Trainer:
 
     def model_record(self) -> dict:
         """What `model.pt` holds: weights plus what predict needs to rebuild the network."""
-        state = {k: v.detach().cpu() for k, v in self.final_model().state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.final_model().state_dict().items()}
         return {"format": MODEL_FORMAT, "model": self.spec["model"], "num_classes": self.num_classes,
                 "in_channels": self.in_channels, "mean": [float(m) for m in self.mean],
                 "std": [float(s) for s in self.std], "ema": self.ema is not None, "state_dict": state}
@@ -369,15 +471,24 @@ def train_to_files(spec: dict, data: dict, seed: int, out_dir: str | os.PathLike
     trainer = Trainer(spec, data, seed, threads, weights_file, log)
     trainer.log(f"training seed {seed} on {trainer.device} ({threads} threads): "
                 f"{len(data['y_train'])} images, {trainer.steps_per_epoch} steps/epoch, "
-                f"{trainer.epochs} epochs")
+                f"{trainer.epochs} epochs; " + ", ".join(f"{k} {v}" for k, v in trainer.effective().items()
+                                                          if k not in ("device",)))
     history = trainer.fit(checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch_save(out_dir / "model.pt", trainer.model_record())
     write_text(out_dir / "history.csv", history_csv(history))
+    train_seconds = sum(t["seconds"] for t in trainer.timing)
+    wait_seconds = sum(t["data_wait_seconds"] for t in trainer.timing)
+    wait_fraction = round(wait_seconds / train_seconds, 4) if train_seconds else None
     info = {"seed": seed, "device": str(trainer.device), "threads": threads,
             "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "train_images": int(len(data["y_train"])), "steps_per_epoch": trainer.steps_per_epoch,
             "final_weights": "ema" if trainer.ema is not None else "raw",
+            "effective": trainer.effective(),
+            # the epochs this process finished (a resumed run counts only its own)
+            "timing": {"train_seconds": round(train_seconds, 3),
+                       "data_wait_seconds": round(wait_seconds, 3),
+                       "data_wait_fraction": wait_fraction},
             "versions": versions(), "config": spec}
     if trainer.device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(trainer.device)
