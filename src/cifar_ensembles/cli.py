@@ -65,15 +65,25 @@ def cmd_train(a) -> None:
 
 
 def cmd_predict(a) -> None:
+    from .gpu import claim_gpu_for_job
     from .predict import predict_to_files
 
+    claim_gpu_for_job(a.device, None)
     predict_to_files(a.model, a.data, a.split, a.probs, a.metrics, a.batch_size, a.device, a.threads)
 
 
 def cmd_ensemble(a) -> None:
     from .analysis import ensemble_to_files
 
-    ensemble_to_files(a.data, a.seeds, a.val, a.test, a.method, a.csv, a.json)
+    ensemble_to_files(a.data, a.seeds, a.val, a.test, a.method, a.csv, a.json,
+                      max_subsets=a.max_subsets, subset_seed=a.subset_seed, bootstrap=a.bootstrap,
+                      bootstrap_seed=a.bootstrap_seed, ece_bins=a.ece_bins)
+
+
+def cmd_compare(a) -> None:
+    from .analysis import compare_to_files
+
+    compare_to_files(a.experiments, a.data, a.out)
 
 
 def cmd_report(a) -> None:
@@ -82,10 +92,16 @@ def cmd_report(a) -> None:
     if a.what == "curves":
         report.plot_training_curves(a.inputs, a.experiment, a.out, a.dpi)
     elif a.what == "ensemble":
-        csv_path, json_path = a.inputs
-        report.plot_ensemble_curve(csv_path, json_path, a.experiment, a.out, a.published, a.dpi)
+        report.plot_ensemble_curve(a.inputs[0], a.experiment, a.out, a.published, a.dpi)
+    elif a.what == "reliability":
+        ensemble_json, data, *test_probs = a.inputs
+        report.plot_reliability(ensemble_json, data, test_probs, a.experiment, a.out, a.ece_bins, a.dpi)
+    elif a.what == "accuracy":
+        report.plot_accuracy_bars(a.experiments, a.out, a.dpi)
+    elif a.what == "cost":
+        report.plot_cost(a.runs, a.out, a.dpi)
     else:
-        report.write_summary(a.experiments, a.published, *a.out)
+        report.write_summary(a.experiments, a.runs, a.inputs[0] if a.inputs else None, a.published, *a.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,23 +154,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=1)
     s.set_defaults(func=cmd_predict)
 
-    s = sub.add_parser("ensemble", help="hard and soft voting vs ensemble size; size chosen on val")
+    s = sub.add_parser("ensemble", help="voting, subsets, greedy selection, calibration; k chosen on val")
     s.add_argument("--data", required=True, help="data.npz (for the labels)")
     s.add_argument("--seeds", required=True, type=int, nargs="+")
     s.add_argument("--val", required=True, nargs="+", help="probs_val.npy per seed, in seed order")
     s.add_argument("--test", required=True, nargs="+", help="probs_test.npy per seed, in seed order")
     s.add_argument("--method", default="soft", choices=("soft", "hard"))
+    s.add_argument("--max-subsets", type=int, default=500)
+    s.add_argument("--subset-seed", type=int, default=0)
+    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    s.add_argument("--bootstrap-seed", type=int, default=0)
+    s.add_argument("--ece-bins", type=int, default=15)
     s.add_argument("--csv", required=True)
     s.add_argument("--json", required=True)
     s.set_defaults(func=cmd_ensemble)
 
+    s = sub.add_parser("compare", help="paired McNemar tests between experiments that share seeds")
+    s.add_argument("--data", required=True)
+    s.add_argument("--experiments", required=True, type=_json_arg, help="{name: {seed: probs_test.npy}}")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_compare)
+
     s = sub.add_parser("report", help="figures and summary tables")
-    s.add_argument("what", choices=("curves", "ensemble", "summary"))
+    s.add_argument("what", choices=("curves", "ensemble", "reliability", "accuracy", "cost", "summary"))
     s.add_argument("--inputs", nargs="*", default=[])
     s.add_argument("--experiment", default="")
-    s.add_argument("--experiments", type=_json_arg, default={},
-                   help="summary: {name: {metrics: {seed: {val, test}}, ensemble: path}}")
+    s.add_argument("--experiments", type=_json_arg, default={}, help="{name: ensemble.json}")
+    s.add_argument("--runs", type=_json_arg, default={},
+                   help="{name: {seed: {benchmark: tsv, history: csv}}}")
     s.add_argument("--published", type=_json_arg, default={})
+    s.add_argument("--ece-bins", type=int, default=15)
     s.add_argument("--dpi", type=int, default=150)
     s.add_argument("--out", nargs="+", required=True)
     s.set_defaults(func=cmd_report)

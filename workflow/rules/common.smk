@@ -72,10 +72,42 @@ def member_files(name, split=None):
 
 def all_outputs():
     outputs = [SUMMARY, "results/report/summary.csv"]
+    for figure in ("accuracy", "cost"):
+        outputs += [f"results/report/{figure}.{ext}" for ext in ("png", "svg")]
     for experiment in EXPERIMENTS:
-        for figure in ("training_curves", "ensemble_curve"):
+        for figure in ("training_curves", "ensemble_curve", "reliability"):
             outputs += [f"results/report/{experiment}/{figure}.{ext}" for ext in ("png", "svg")]
     return outputs
+
+
+def ensemble_jsons():
+    return {e: f"results/{e}/ensemble.json" for e in EXPERIMENTS}
+
+
+def run_files():
+    """{experiment: {seed: {benchmark, history}}}: what the cost figure and summary read."""
+    return {
+        e: {
+            str(s): {
+                "benchmark": f"{run_dir(e, s)}/benchmark.tsv",
+                "history": f"{run_dir(e, s)}/history.csv",
+            }
+            for s in seeds(e)
+        }
+        for e in EXPERIMENTS
+    }
+
+
+def test_probs():
+    """{experiment: {seed: probs_test.npy}}: what the paired comparisons read."""
+    return {e: {str(s): f"{run_dir(e, s)}/probs_test.npy" for s in seeds(e)} for e in EXPERIMENTS}
+
+
+def flat(mapping):
+    """All leaf values of nested dicts, as a list of paths."""
+    if isinstance(mapping, dict):
+        return [path for value in mapping.values() for path in flat(value)]
+    return [mapping]
 
 
 def optional_arg(flag, value):
@@ -83,19 +115,3 @@ def optional_arg(flag, value):
     if value in (None, ""):
         return ""
     return f"{flag} {json.dumps(str(value))}"
-
-
-def summary_inputs(wildcards):
-    files = {}
-    for experiment in EXPERIMENTS:
-        files[experiment] = {
-            "metrics": {
-                str(s): {
-                    split: f"{run_dir(experiment, s)}/metrics_{split}.json"
-                    for split in ("val", "test")
-                }
-                for s in seeds(experiment)
-            },
-            "ensemble": f"results/{experiment}/ensemble.json",
-        }
-    return files

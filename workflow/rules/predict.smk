@@ -16,6 +16,7 @@ rule predict:
     threads: 2
     resources:
         gpu=1,
+        gpu_slots=8,  # a whole GPU, as its GPU claim (cifar_ensembles.gpu) takes
     conda:
         "../../envs/torch.yaml"
     shell:

@@ -22,6 +22,9 @@ rule train:
     threads: 4
     resources:
         gpu=1,
+        # A GPU has 8 slots; a job takes 8 / jobs_per_gpu of them (training.jobs_per_gpu:
+        # 1, 2, 4 or 8), so `--resources gpu_slots=8` per GPU runs jobs_per_gpu seeds on each.
+        gpu_slots=lambda wc: 8 // int(training_spec(wc.experiment).get("jobs_per_gpu", 1)),
     conda:
         "../../envs/torch.yaml"
     shell:
