@@ -58,3 +58,26 @@ def make_cifar10_archive(path: str | Path, per_batch: int = 50, test_size: int =
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
     return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def make_cifar100_archive(path: str | Path, train_size: int = 200, test_size: int = 100,
+                          seed: int = 0) -> str:
+    """Write cifar-100-python.tar.gz (train, test, meta with fine and coarse labels); return its MD5."""
+    rng = np.random.default_rng(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    members = {}
+    for name, n in (("train", train_size), ("test", test_size)):
+        fine = rng.integers(0, 100, n)
+        members[name] = {"filenames": [f"{name}_{i}.png" for i in range(n)], "batch_label": f"{name} batch",
+                         "fine_labels": fine.tolist(), "coarse_labels": (fine // 5).tolist(),
+                         "data": synthetic_images(fine % 10, rng)}
+    members["meta"] = {"fine_label_names": [f"fine_{i}" for i in range(100)],
+                       "coarse_label_names": [f"coarse_{i}" for i in range(20)]}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in members.items():
+            blob = _pickled(obj)
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return hashlib.md5(path.read_bytes()).hexdigest()
