@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .atomic import atomic_path, write_text  # noqa: E402
 from .errors import UserError  # noqa: E402
@@ -85,6 +86,8 @@ def plot_training_curves(history_paths, experiment: str, out_paths, dpi: int = 1
         _band(ax_loss, x, values, color, label, style)
     _style(ax_acc, "epoch", "accuracy (%)")
     _style(ax_loss, "epoch", "loss")
+    for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     best = np.nanmax(_stack(histories, "val_acc")[0], axis=1)
     ax_acc.set_title(f"best validation accuracy {100 * best.mean():.2f}%", fontsize=10)
     ax_acc.legend(frameon=False)
