@@ -138,7 +138,8 @@ def plot_ensemble_curve(ensemble_json, experiment: str, out_paths, published: di
     lo, hi = (100 * v for v in summary["test_ci"])
     axes[1].annotate(f"chosen k={summary['chosen_k']}: {test_acc:.2f}%\n95% CI {lo:.2f}-{hi:.2f}%",
                      xy=(summary["chosen_k"], test_acc), xytext=(10, -40), textcoords="offset points",
-                     fontsize=9, arrowprops=dict(arrowstyle="-", color="black", alpha=0.5))
+                     fontsize=9, arrowprops=dict(arrowstyle="-", color="black", alpha=0.5),
+                     bbox=dict(boxstyle="round,pad=0.3", facecolor="white", edgecolor="none", alpha=0.85))
     if published and published.get("test_accuracy") is not None:
         pk = published.get("k", m)
         axes[1].plot([pk], [100 * published["test_accuracy"]], marker="*", markersize=14, color="goldenrod",
