@@ -109,7 +109,7 @@ def test_load_pretrained_rejects_resnet34_weights(tmp_path):
     torch.save(resnet34().state_dict(), path)
     model = build_model({"name": "resnet18"}, 10, 3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(UserError, match="model.weights_file") as info:
+    with pytest.raises(UserError, match="pretrained_weights.file") as info:
         load_pretrained(model, path)
     assert str(path) in str(info.value)
     assert all(same_bits(v, before[k]) for k, v in model.state_dict().items()), "weights were changed"
@@ -118,7 +118,7 @@ def test_load_pretrained_rejects_resnet34_weights(tmp_path):
 def test_load_pretrained_rejects_cifar_resnet_weights(tmp_path):
     path = tmp_path / "cifar.pth"
     torch.save(ResNet18Cifar(10, 3, 8).state_dict(), path)
-    with pytest.raises(UserError, match="model.weights_file"):
+    with pytest.raises(UserError, match="pretrained_weights.file"):
         load_pretrained(build_model({"name": "resnet18", "input_size": 64}, 10, 3), path)
 
 
@@ -127,12 +127,12 @@ def test_load_pretrained_unreadable_file(tmp_path, content):
     path = tmp_path / "weights.pth"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(UserError, match="model.weights_file"):
+    with pytest.raises(UserError, match="pretrained_weights.file"):
         load_pretrained(build_model({"name": "resnet18"}, 10, 3), path)
 
 
 def test_load_pretrained_rejects_a_non_dict(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save([torch.zeros(3)], path)
-    with pytest.raises(UserError, match="model.weights_file"):
+    with pytest.raises(UserError, match="pretrained_weights.file"):
         load_pretrained(build_model({"name": "resnet18"}, 10, 3), path)

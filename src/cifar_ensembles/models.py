@@ -98,10 +98,10 @@ def load_pretrained(model: nn.Module, weights_file: str | os.PathLike) -> None:
         state = torch.load(weights_file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch's messages can span lines (weights_only): keep the first
         detail = (str(err).replace("\x1b[1m", "").replace("\x1b[0m", "").strip().splitlines() or [""])[0]
-        raise UserError(f"model.weights_file: {weights_file}: cannot load as torch weights "
+        raise UserError(f"pretrained_weights.file: {weights_file}: cannot load as torch weights "
                         f"({err.__class__.__name__}: {detail})") from None
     if not isinstance(state, dict):
-        raise UserError(f"model.weights_file: {weights_file}: not a state dict")
+        raise UserError(f"pretrained_weights.file: {weights_file}: not a state dict")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     conv1 = state.get("conv1.weight")
     if conv1 is not None and conv1.shape[1] != net.conv1.weight.shape[1]:
@@ -112,6 +112,6 @@ def load_pretrained(model: nn.Module, weights_file: str | os.PathLike) -> None:
     unexpected = [k for k in state if k not in own]
     if mismatched or missing or unexpected:
         first = (mismatched or missing or unexpected)[0]
-        raise UserError(f"model.weights_file: {weights_file}: weights for another architecture "
+        raise UserError(f"pretrained_weights.file: {weights_file}: weights for another architecture "
                         f"(first bad key: {first})")
     net.load_state_dict(state, strict=False)

@@ -172,7 +172,7 @@ class Trainer:
         if spec["model"].get("pretrained"):
             if not weights_file:
                 raise UserError("model.pretrained: pretrained weights need a weights file "
-                                "(the download_weights rule or model.weights_file); training never downloads")
+                                "(the download_weights rule or pretrained_weights.file); training never downloads")
             load_pretrained(self.model, weights_file)
         self.model.to(self.device)
         if self.channels_last:
