@@ -247,3 +247,15 @@ def test_load_npz_with_pickled_object(tmp_path):
     with pytest.raises(UserError) as err:
         prepare.load(path)
     assert str(path) in str(err.value)
+
+
+def test_test_subset_does_not_depend_on_the_train_subset():
+    from cifar_ensembles.prepare import split
+
+    rng = np.random.default_rng(3)
+    arrays = {"x_train": rng.integers(0, 255, (400, 4, 4, 3), dtype=np.uint8),
+              "y_train": np.arange(400) % 10, "x_test": rng.integers(0, 255, (200, 4, 4, 3), dtype=np.uint8),
+              "y_test": np.arange(200) % 10, "classes": np.array([str(i) for i in range(10)])}
+    with_train = split(arrays, 40, 0, train_subset=100, test_subset=50)
+    without = split(arrays, 40, 0, train_subset=None, test_subset=50)
+    np.testing.assert_array_equal(with_train["test_index"], without["test_index"])

@@ -60,7 +60,8 @@ def cmd_train(a) -> None:
             print(f"[{a.name}] {msg}", file=sys.stderr, flush=True)
     # Several GPUs and no scheduler: take a free one (lock held until exit) before CUDA starts.
     spec = a.spec if isinstance(a.spec, dict) else {}
-    claim_gpu_for_job(str(spec.get("device", "auto")), log, int(spec.get("jobs_per_gpu", 1)))
+    jobs_per_gpu = 8 // a.gpu_slots if a.gpu_slots else int(spec.get("jobs_per_gpu", 1))
+    claim_gpu_for_job(str(spec.get("device", "auto")), log, jobs_per_gpu)
     train_to_files(a.spec, data, a.seed, a.out_dir, a.checkpoint, a.threads, a.weights, log)
 
 
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--weights", help="pretrained weights file (for model.pretrained)")
     s.add_argument("--name", default="", help="prefix for progress lines, e.g. experiment/seed")
+    s.add_argument("--gpu-slots", type=int, choices=(1, 2, 4, 8),
+                   help="the job's share of a GPU's 8 slots (the workflow's gpu_slots resource)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("predict", help="class probabilities of one model on one split")

@@ -21,6 +21,7 @@ import numpy as np
 from torchvision import datasets as tvd
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive, extract_archive
 
+from .atomic import current_umask
 from .errors import UserError
 
 
@@ -77,6 +78,7 @@ def fetch(dataset: str, out_dir: str | os.PathLike, source: str | None = None,
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700
     try:
         if dataset in CIFAR:
             _fetch_cifar(CIFAR[dataset], staging, source, url, md5)
@@ -124,11 +126,13 @@ def _fetch_fashion_mnist(staging: Path, source, url, md5) -> None:
     raw = staging / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     if source is None:
-        base = url or tvd.FashionMNIST.mirrors[0]
+        if md5:
+            raise UserError("data.md5: Fashion-MNIST is four files checked with torchvision's own MD5s; "
+                            "leave data.md5 null")
+        base = (url or tvd.FashionMNIST.mirrors[0]).rstrip("/") + "/"
         for filename, file_md5 in tvd.FashionMNIST.resources:
             try:
-                download_and_extract_archive(base + filename, str(raw), filename=filename,
-                                             md5=md5 or file_md5)
+                download_and_extract_archive(base + filename, str(raw), filename=filename, md5=file_md5)
             except (RuntimeError, OSError) as err:
                 raise UserError(f"data.url: {base + filename}: {err}") from None
         return

@@ -30,7 +30,8 @@ def make_ema(model: nn.Module, decay: float, warmup_steps: int = 0) -> AveragedM
         if not ema_tensors[0].is_floating_point():
             torch._foreach_copy_(ema_tensors, model_tensors)
             return
-        d = ema_decay(decay, warmup_steps, int(n_averaged))
+        # reading n_averaged syncs with the GPU: only the warm-up needs it
+        d = ema_decay(decay, warmup_steps, int(n_averaged)) if warmup_steps > 0 else decay
         torch._foreach_lerp_(ema_tensors, model_tensors, 1.0 - d)
 
     ema = AveragedModel(model, multi_avg_fn=update, use_buffers=True)

@@ -14,7 +14,7 @@ import numpy as np
 
 
 def soft_vote(probs: np.ndarray) -> np.ndarray:
-    return np.argmax(probs.sum(axis=0), axis=-1)
+    return np.argmax(probs.sum(axis=0, dtype=np.float64), axis=-1)
 
 
 def _hard_vote_from(counts: np.ndarray, summed: np.ndarray, members: int) -> np.ndarray:
@@ -32,7 +32,7 @@ def vote_counts(probs: np.ndarray) -> np.ndarray:
 
 
 def hard_vote(probs: np.ndarray) -> np.ndarray:
-    return _hard_vote_from(vote_counts(probs), probs.sum(axis=0), probs.shape[0])
+    return _hard_vote_from(vote_counts(probs), probs.sum(axis=0, dtype=np.float64), probs.shape[0])
 
 
 def first_k_accuracy(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:

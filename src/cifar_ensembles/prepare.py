@@ -58,12 +58,14 @@ def split(arrays: dict[str, np.ndarray], val_size: int, split_seed: int,
         if not 0 < train_subset <= len(train_idx):
             raise UserError(f"data.subset.train: {train_subset} must be between 1 and "
                             f"{len(train_idx)} (the training set after the validation split)")
-        train_idx = train_idx[stratified_take(y[train_idx], train_subset, rng)]
+        # own generators: the test subset must not change when the train subset does
+        train_idx = train_idx[stratified_take(y[train_idx], train_subset,
+                                              np.random.default_rng([split_seed, 1]))]
     test_idx = np.arange(len(arrays["y_test"]))
     if test_subset is not None:
         if not 0 < test_subset <= len(test_idx):
             raise UserError(f"data.subset.test: {test_subset} must be between 1 and {len(test_idx)}")
-        test_idx = stratified_take(arrays["y_test"], test_subset, rng)
+        test_idx = stratified_take(arrays["y_test"], test_subset, np.random.default_rng([split_seed, 2]))
     mean, std = channel_stats(x[train_idx])
     return dict(
         x_train=x[train_idx], y_train=y[train_idx], x_val=x[val_idx], y_val=y[val_idx],

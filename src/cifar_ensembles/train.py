@@ -47,7 +47,7 @@ NONFINITE_CHECK_EVERY = 16  # steps between host syncs that look for a NaN/inf l
 # Settings that change speed, not results (beyond floating-point rounding): a checkpoint
 # written with other values of these is still resumed.
 SPEED_ONLY_KEYS = ("loader", "device", "seeds", "channels_last", "compile", "cudnn_benchmark",
-                   "jobs_per_gpu")
+                   "jobs_per_gpu", "eval_batch_size")
 
 
 class Preempted(Exception):
@@ -122,6 +122,12 @@ class _StopFlag:
             signal.signal(s, handler)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to the main process, which checkpoints and exits."""
+    for s in _StopFlag.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def resolve_compile(value, device: torch.device) -> str | None:
     """`training.compile` -> the torch.compile mode to use (None: eager).
 
@@ -171,8 +177,8 @@ class Trainer:
         self.model = build_model(spec["model"], self.num_classes, self.in_channels)
         if spec["model"].get("pretrained"):
             if not weights_file:
-                raise UserError("model.pretrained: pretrained weights need a weights file "
-                                "(the download_weights rule or pretrained_weights.file); training never downloads")
+                raise UserError("model.pretrained: pretrained weights need a weights file (the "
+                                "download_weights rule or pretrained_weights.file); training never downloads")
             load_pretrained(self.model, weights_file)
         self.model.to(self.device)
         if self.channels_last:
@@ -217,6 +223,7 @@ class Trainer:
                 SeededImages(x, data["y_train"], transform), batch_sampler=self.sampler,
                 num_workers=self.num_workers, pin_memory=self.pin_memory,
                 persistent_workers=self.persistent_workers,
+                worker_init_fn=_ignore_stop_signals if self.num_workers > 0 else None,
             )
         self.timing: list[dict] = []  # per epoch run in this process: seconds, data-wait seconds
         self.position = Position()
@@ -338,8 +345,6 @@ class Trainer:
         with _StopFlag() as stop:
             while self.position.epoch < self.epochs:
                 self._run_epoch(stop, checkpoint)
-                if checkpoint is not None:
-                    self.save_checkpoint(checkpoint)
         return self.position.history
 
     def _run_epoch(self, stop: _StopFlag, checkpoint) -> None:
@@ -397,9 +402,11 @@ class Trainer:
         p.history.append(row)
         self.timing.append({"epoch": epoch + 1, "seconds": stats.seconds,
                             "data_wait_seconds": stats.data_wait})
+        self.position = Position(epoch + 1, 0, p.history, EpochStats())
+        if checkpoint is not None:  # before the log line: a dying log pipe must not cost the epoch
+            self.save_checkpoint(checkpoint)
         self.log(format_row(row, self.epochs)
                  + f"  data wait {100 * stats.data_wait / max(stats.seconds, 1e-9):.1f}%")
-        self.position = Position(epoch + 1, 0, p.history, EpochStats())
 
     def _check_finite(self, losses, lo, hi, epoch):
         window = losses[lo:hi]

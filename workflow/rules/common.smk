@@ -1,17 +1,17 @@
 # Helpers shared by the stage files: config validation, experiment resolution, paths.
-import copy
 import json
 import os
+import shlex
 import sys
 
 # albumentations asks PyPI for updates on import unless told not to (offline clusters).
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 try:
-    from cifar_ensembles.configcheck import validate_config
+    from cifar_ensembles.configcheck import resolved_experiment, validate_config
 except ImportError:  # snakemake from an environment without the package: use the checkout's
     sys.path.insert(0, os.path.join(workflow.basedir, "src"))
-    from cifar_ensembles.configcheck import validate_config
+    from cifar_ensembles.configcheck import resolved_experiment, validate_config
 from cifar_ensembles.errors import UserError
 
 # The schema, then what it cannot express, before any job runs. A problem ends the run with
@@ -28,25 +28,23 @@ SUMMARY = "results/report/summary.md"
 EXPERIMENTS = config.get("run_experiments") or list(config["experiments"])
 
 
-def deep_merge(base, override):
-    """A copy of `base` with `override` merged in, key by key (lists are replaced)."""
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 def seeds(experiment):
     return config["experiments"][experiment]["seeds"]
 
 
 def training_spec(experiment):
     """The experiment's full training config: defaults plus its overrides, without seeds."""
-    overrides = {k: v for k, v in config["experiments"][experiment].items() if k != "seeds"}
-    return deep_merge(config["training"], overrides)
+    return resolved_experiment(config, experiment)
+
+
+# Scheduling-only keys: they reach the job through resources (gpu_slots), not params, so
+# changing them never reruns training.
+NOT_RESULTS = ("jobs_per_gpu",)
+
+
+def training_params(experiment):
+    spec = training_spec(experiment)
+    return json.dumps({k: v for k, v in spec.items() if k not in NOT_RESULTS}, sort_keys=True)
 
 
 def uses_pretrained(experiment):
@@ -114,4 +112,4 @@ def optional_arg(flag, value):
     """`--flag value` (quoted) when value is set, else nothing."""
     if value in (None, ""):
         return ""
-    return f"{flag} {json.dumps(str(value))}"
+    return f"{flag} {shlex.quote(str(value))}"

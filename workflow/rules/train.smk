@@ -11,7 +11,7 @@ rule train:
         history="results/{experiment}/seed{seed}/history.csv",
         run="results/{experiment}/seed{seed}/run.yaml",
     params:
-        spec=lambda wc: json.dumps(training_spec(wc.experiment), sort_keys=True),
+        spec=lambda wc: training_params(wc.experiment),
         out_dir=lambda wc: run_dir(wc.experiment, wc.seed),
         checkpoint=lambda wc: f"{run_dir(wc.experiment, wc.seed)}/checkpoint.pt",
         weights=lambda wc, input: f"--weights {input.weights}" if input.weights else "",
@@ -30,5 +30,5 @@ rule train:
     shell:
         "cifar-ensembles train --data {input.data} --spec {params.spec:q} --seed {wildcards.seed} "
         "--out-dir {params.out_dir} --checkpoint {params.checkpoint} --threads {threads} "
-        "--name {wildcards.experiment}/seed{wildcards.seed} "
-        "{params.weights} 2>&1 | tee {log}"
+        "--name {wildcards.experiment}/seed{wildcards.seed} --gpu-slots {resources.gpu_slots} "
+        "{params.weights} 2> {log}"
