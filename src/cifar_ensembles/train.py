@@ -253,7 +253,7 @@ class Trainer:
             return self._train_step(x, y)
         try:  # the first compiled step compiles: report a failure as a config problem
             out = self._train_step(x, y)
-        except (UserError, KeyboardInterrupt):
+        except (UserError, KeyboardInterrupt, torch.OutOfMemoryError):  # not compile's fault
             raise
         except Exception as err:
             first = (str(err).strip().splitlines() or [""])[0][:300]
