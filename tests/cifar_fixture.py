@@ -30,8 +30,15 @@ def synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072)
 
 
-def _pickled(obj) -> bytes:
-    return pickle.dumps(obj, protocol=2)
+def _write_archive(path: Path, folder: str, members: dict) -> str:
+    """Pickle each member into `folder/` of a .tar.gz, as the upstream archives are; return its MD5."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in members.items():
+            blob = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"{folder}/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 def make_cifar10_archive(path: str | Path, per_batch: int = 50, test_size: int = 100,
@@ -51,13 +58,7 @@ def make_cifar10_archive(path: str | Path, per_batch: int = 50, test_size: int =
                              "data": synthetic_images(labels, rng),
                              "filenames": [f"test_{i}.png" for i in range(test_size)]}
     members["batches.meta"] = {"num_cases_per_batch": per_batch, "label_names": CLASSES, "num_vis": 3072}
-    with tarfile.open(path, "w:gz") as tar:
-        for name, obj in members.items():
-            blob = _pickled(obj)
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return hashlib.md5(path.read_bytes()).hexdigest()
+    return _write_archive(path, "cifar-10-batches-py", members)
 
 
 def make_cifar100_archive(path: str | Path, train_size: int = 200, test_size: int = 100,
@@ -74,10 +75,4 @@ def make_cifar100_archive(path: str | Path, train_size: int = 200, test_size: in
                          "data": synthetic_images(fine % 10, rng)}
     members["meta"] = {"fine_label_names": [f"fine_{i}" for i in range(100)],
                        "coarse_label_names": [f"coarse_{i}" for i in range(20)]}
-    with tarfile.open(path, "w:gz") as tar:
-        for name, obj in members.items():
-            blob = _pickled(obj)
-            info = tarfile.TarInfo(f"cifar-100-python/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return hashlib.md5(path.read_bytes()).hexdigest()
+    return _write_archive(path, "cifar-100-python", members)
