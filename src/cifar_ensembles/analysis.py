@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
-from pathlib import Path
 
 import numpy as np
 
@@ -159,10 +157,3 @@ def compare_to_files(experiments: dict, data_path, out_json) -> dict:
     write_json(out_json, {"test": "exact McNemar (two-sided binomial on discordant pairs)",
                           "pairs": results})
     return {"pairs": results}
-
-
-def read_json(path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: cannot read: {err}") from None

@@ -17,6 +17,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of one epoch's images, fixed by (seed, epoch); shared by both input paths."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 32-bit seed for one image in one epoch of one run."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
@@ -172,7 +177,7 @@ class EpochBatches(torch.utils.data.Sampler):
         return max(total - self.start_batch, 0)
 
     def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        order = epoch_order(self.n, self.seed, self.epoch)
         total = len(self) + self.start_batch
         for b in range(self.start_batch, total):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]

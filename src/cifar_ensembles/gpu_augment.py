@@ -33,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .augment import epoch_order
 from .errors import UserError
 from .inference import to_channels_last
 
@@ -46,11 +47,6 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(state & ((1 << 63) - 1))
     return g
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The permutation of EpochBatches (same batches as the CPU pipelines)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 class BatchedAugment:

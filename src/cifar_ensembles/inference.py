@@ -11,8 +11,6 @@ from torch import nn
 from .augment import normalize_tensor
 from .errors import UserError
 
-PRECISIONS = ("fp32", "bf16")
-
 
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present; `cuda` fails fast (one line) on a machine without it."""
