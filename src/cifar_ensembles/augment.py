@@ -1,4 +1,5 @@
-"""Input pipelines: the report's albumentations recipe, torchvision transforms, or none.
+"""Per-image input pipelines (`augment.mode: per_image`): the report's albumentations
+recipe, torchvision transforms, or none; `batched_augment` is the batched counterpart.
 
 Every training image is augmented with its own seed, derived from (run seed, epoch,
 index). That makes the data stream independent of the number of loader workers and lets
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .spec import AugmentSpec
 
 AUGMENT_NAMES = ("albumentations", "torchvision", "none")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,9 +29,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
-def normalization(spec: dict, data_mean, data_std, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std to normalize with: the training set's own, or ImageNet's."""
-    which = spec.get("normalize", "dataset")
+def normalization(which: str, data_mean, data_std, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std to normalize with (`augment.normalize`): the training set's own, or ImageNet's."""
     if which == "dataset":
         return np.asarray(data_mean, np.float32), np.asarray(data_std, np.float32)
     if which == "imagenet":
@@ -69,15 +70,13 @@ class NoAugment:
 class TorchvisionAugment:
     """RandomCrop with padding and a horizontal flip (torchvision.transforms.v2), then normalize."""
 
-    def __init__(self, spec: dict, image_size: int, mean, std):
+    def __init__(self, spec: AugmentSpec, image_size: int, mean, std):
         from torchvision.transforms import v2
 
-        pad = int(spec.get("pad", 4))
-        mode = spec.get("pad_mode", "constant")
         steps = []
-        if pad:
-            steps.append(v2.RandomCrop(image_size, padding=pad, padding_mode=mode))
-        if spec.get("flip", True):
+        if spec.pad:
+            steps.append(v2.RandomCrop(image_size, padding=spec.pad, padding_mode=spec.pad_mode))
+        if spec.flip:
             steps.append(v2.RandomHorizontalFlip())
         self.transform = v2.Compose(steps) if steps else v2.Identity()
         self.mean, self.std = mean, std
@@ -101,27 +100,25 @@ class TorchvisionAugment:
 class AlbumentationsAugment:
     """The report's single-model recipe: pad + random crop, flip, one cutout hole, normalize."""
 
-    def __init__(self, spec: dict, image_size: int, mean, std):
+    def __init__(self, spec: AugmentSpec, image_size: int, mean, std):
         import albumentations as A
         import cv2
 
-        pad = int(spec.get("pad", 4))
-        border = {"constant": cv2.BORDER_CONSTANT, "reflect": cv2.BORDER_REFLECT_101}[
-            spec.get("pad_mode", "constant")]
-        cutout = spec.get("cutout", {}) or {}
+        pad = spec.pad
+        border = {"constant": cv2.BORDER_CONSTANT, "reflect": cv2.BORDER_REFLECT_101}[spec.pad_mode]
+        cutout = spec.cutout
         steps = []
         if pad:
             steps += [A.PadIfNeeded(image_size + 2 * pad, image_size + 2 * pad,
                                     border_mode=border, fill=0),
                       A.RandomCrop(image_size, image_size)]
-        if spec.get("flip", True):
+        if spec.flip:
             steps.append(A.HorizontalFlip(p=0.5))
-        holes, size = int(cutout.get("holes", 1)), int(cutout.get("size", 8))
-        if holes > 0 and size > 0:
-            steps.append(A.CoarseDropout(num_holes_range=(holes, holes),
-                                         hole_height_range=(size, size),
-                                         hole_width_range=(size, size),
-                                         fill=cutout.get("fill", 0), p=float(cutout.get("p", 1.0))))
+        if cutout.holes > 0 and cutout.size > 0:
+            steps.append(A.CoarseDropout(num_holes_range=(cutout.holes, cutout.holes),
+                                         hole_height_range=(cutout.size, cutout.size),
+                                         hole_width_range=(cutout.size, cutout.size),
+                                         fill=cutout.fill, p=cutout.p))
         steps.append(A.Normalize(mean=tuple(float(m) for m in mean),
                                  std=tuple(float(s) for s in std), max_pixel_value=255.0))
         self.transform = A.Compose(steps, seed=0)
@@ -134,15 +131,14 @@ class AlbumentationsAugment:
         return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32))
 
 
-def build_train_transform(spec: dict, image_size: int, mean, std):
-    name = spec.get("name", "torchvision")
-    if name == "none":
+def build_train_transform(spec: AugmentSpec, image_size: int, mean, std):
+    if spec.name == "none":
         return NoAugment(mean, std)
-    if name == "torchvision":
+    if spec.name == "torchvision":
         return TorchvisionAugment(spec, image_size, mean, std)
-    if name == "albumentations":
+    if spec.name == "albumentations":
         return AlbumentationsAugment(spec, image_size, mean, std)
-    raise UserError(f"augment.name: unknown augmentation {name!r}; choose one of "
+    raise UserError(f"augment.name: unknown augmentation {spec.name!r}; choose one of "
                     f"{', '.join(AUGMENT_NAMES)}")
 
 
@@ -166,7 +162,7 @@ class EpochBatches(torch.utils.data.Sampler):
     `start_batch` skips batches already trained on, for resuming mid-epoch.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int,
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0,
                  drop_last: bool = True, start_batch: int = 0):
         self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
         self.drop_last, self.start_batch = drop_last, start_batch

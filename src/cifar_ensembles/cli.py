@@ -1,12 +1,17 @@
 """`cifar-ensembles`: the command the workflow's rules call, one subcommand per stage.
 
-Problems the user can fix end with one line on stderr and exit status 2; a training run
-stopped by SIGTERM/SIGUSR1 exits 75 (EX_TEMPFAIL) after writing its checkpoint.
+Each stage takes its slice of the resolved config as one JSON argument (`--spec`; the
+train stage also `--runtime`), checked field by field; no option here has a default that
+stands for a config value. Exit status: 0 done; 2 a problem the user must fix (bad
+config, bad or damaged input, a diverged training run), named in one line on stderr;
+75 (EX_TEMPFAIL) training stopped by SIGTERM/SIGUSR1 after writing its checkpoint: rerun
+to resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -14,6 +19,8 @@ from .errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75
+SPEC_OF = {"download": "SourceSpec", "download-weights": "WeightsSpec", "prepare": "SplitSpec",
+           "train": "TrainingSpec", "predict": "PredictSpec", "ensemble": "EnsembleSpec"}
 
 
 def _json_arg(text: str):
@@ -23,127 +30,171 @@ def _json_arg(text: str):
         raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
 
 
-def cmd_download(a) -> None:
-    from .datasets import fetch
+def _spec(tp_name: str, text: str, option: str = "--spec"):
+    """A stage's spec from its JSON argument, checked field by field (one-line errors)."""
+    from . import spec as specs
+    from .typed import from_json
 
-    out = fetch(a.dataset, a.out, source=a.source, url=a.url, md5=a.md5)
+    return from_json(getattr(specs, tp_name), text, option)
+
+
+def cmd_download(a) -> None:
+    from .stages.download import download_dataset
+
+    out = download_dataset(a.dataset, _spec(SPEC_OF[a.command], a.spec), a.out)
     print(f"{a.dataset}: verified files in {out}", file=sys.stderr)
 
 
 def cmd_download_weights(a) -> None:
-    from .weights import fetch_weights
+    from .stages.download import download_weights
 
-    out = fetch_weights(a.out, url=a.url, local_file=a.file)
+    out = download_weights(_spec(SPEC_OF[a.command], a.spec), a.out)
     print(f"ImageNet weights verified -> {out}", file=sys.stderr)
 
 
 def cmd_prepare(a) -> None:
-    from . import prepare
-    from .datasets import load_raw
+    from .stages.prepare import prepare_to_file
 
-    arrays = load_raw(a.dataset, a.raw)
-    prepared = prepare.split(arrays, a.val_size, a.split_seed, a.train_subset, a.test_subset)
-    prepare.write(a.out, prepared)
+    prepared = prepare_to_file(a.dataset, _spec(SPEC_OF[a.command], a.spec), a.raw, a.out)
     print(f"{a.dataset}: {len(prepared['y_train'])} train, {len(prepared['y_val'])} val, "
           f"{len(prepared['y_test'])} test images -> {a.out}", file=sys.stderr)
 
 
-def cmd_train(a) -> None:
-    from . import prepare
-    from .gpu import claim_gpu_for_job
-    from .train import train_to_files
+def _log_with_prefix(name: str, msg: str) -> None:
+    print(f"[{name}] {msg}", file=sys.stderr, flush=True)
 
-    data = prepare.load(a.data)
-    log = None
-    if a.name:
-        def log(msg):
-            print(f"[{a.name}] {msg}", file=sys.stderr, flush=True)
+
+def cmd_train(a) -> None:
+    from . import splits
+    from .gpu_claim import claim_gpu_for_job
+    from .stages.train import train_to_files
+
+    spec, runtime = _spec("TrainingSpec", a.spec), _spec("RuntimeSpec", a.runtime, "--runtime")
+    log = functools.partial(_log_with_prefix, a.name) if a.name else None
     # Several GPUs and no scheduler: take a free one (lock held until exit) before CUDA starts.
-    spec = a.spec if isinstance(a.spec, dict) else {}
-    jobs_per_gpu = 8 // a.gpu_slots if a.gpu_slots else int(spec.get("jobs_per_gpu", 1))
-    claim_gpu_for_job(str(spec.get("device", "auto")), log, jobs_per_gpu)
-    train_to_files(a.spec, data, a.seed, a.out_dir, a.checkpoint, a.threads, a.weights, log)
+    claim_gpu_for_job(runtime.device, log, runtime.jobs_per_gpu)
+    data = splits.load(a.data)
+    train_to_files(spec, runtime, data, a.seed, a.out_dir, a.checkpoint, a.threads, a.weights, log)
 
 
 def cmd_predict(a) -> None:
-    from .gpu import claim_gpu_for_job
-    from .predict import predict_to_files
+    from .gpu_claim import claim_gpu_for_job
+    from .stages.predict import predict_to_files
 
-    claim_gpu_for_job(a.device, None)
-    predict_to_files(a.model, a.data, a.split, a.probs, a.metrics, a.batch_size, a.device, a.threads)
+    spec = _spec(SPEC_OF[a.command], a.spec)
+    claim_gpu_for_job(spec.device, None, jobs_per_gpu=8)  # one slot: predictions are short
+    predict_to_files(a.model, a.data, a.split, a.probs, a.metrics, spec, a.threads)
 
 
 def cmd_ensemble(a) -> None:
-    from .analysis import ensemble_to_files
+    from .stages.ensemble import ensemble_to_files
 
-    ensemble_to_files(a.data, a.seeds, a.val, a.test, a.method, a.csv, a.json,
-                      max_subsets=a.max_subsets, subset_seed=a.subset_seed, bootstrap=a.bootstrap,
-                      bootstrap_seed=a.bootstrap_seed, ece_bins=a.ece_bins)
+    ensemble_to_files(a.data, a.seeds, a.val, a.test, _spec(SPEC_OF[a.command], a.spec), a.csv, a.json)
 
 
 def cmd_compare(a) -> None:
-    from .analysis import compare_to_files
+    from .stages.ensemble import compare_to_files
 
     compare_to_files(a.experiments, a.data, a.out)
 
 
+def _published(text: str, one_experiment: bool):
+    """report.published (JSON): all experiments' entries, or one experiment's (or null)."""
+    from .spec import PublishedSpec
+    from .typed import from_json
+
+    return from_json(PublishedSpec | None if one_experiment else dict[str, PublishedSpec] | None,
+                     text, "--published")
+
+
 def cmd_report(a) -> None:
-    from . import report
+    from .stages import report
 
     if a.what == "curves":
-        report.plot_training_curves(a.inputs, a.experiment, a.out, a.dpi)
+        report.plot_training_curves(a.histories, a.experiment, a.out, a.dpi)
     elif a.what == "ensemble":
-        report.plot_ensemble_curve(a.inputs[0], a.experiment, a.out, a.published, a.dpi)
+        report.plot_ensemble_curve(a.summary, a.experiment, a.out, _published(a.published, True), a.dpi)
     elif a.what == "reliability":
-        ensemble_json, data, *test_probs = a.inputs
-        report.plot_reliability(ensemble_json, data, test_probs, a.experiment, a.out, a.ece_bins, a.dpi)
+        report.plot_reliability(a.summary, a.data, a.test, a.experiment, a.out, a.ece_bins, a.dpi)
     elif a.what == "accuracy":
         report.plot_accuracy_bars(a.experiments, a.out, a.dpi)
     elif a.what == "cost":
         report.plot_cost(a.runs, a.out, a.dpi)
     else:
-        report.write_summary(a.experiments, a.runs, a.inputs[0] if a.inputs else None, a.published, *a.out)
+        report.write_summary(a.experiments, a.runs, a.comparisons, _published(a.published, False), *a.out)
+
+
+def _add_report_parsers(sub) -> None:
+    p = sub.add_parser("report", help="figures and summary tables, from files only")
+    what = p.add_subparsers(dest="what", required=True)
+
+    def figure(name, help_text):
+        s = what.add_parser(name, help=help_text)
+        s.add_argument("--dpi", type=int, required=True)
+        s.add_argument("--out", nargs=2, required=True, metavar=("PNG", "SVG"))
+        return s
+
+    s = figure("curves", "training curves of one experiment")
+    s.add_argument("--experiment", required=True)
+    s.add_argument("--histories", nargs="+", required=True, help="history.csv per seed")
+    s = figure("ensemble", "accuracy vs ensemble size")
+    s.add_argument("--experiment", required=True)
+    s.add_argument("--summary", required=True, help="ensemble.json")
+    s.add_argument("--published", required=True, help="report.published of this experiment (JSON or null)")
+    s = figure("reliability", "reliability diagrams")
+    s.add_argument("--experiment", required=True)
+    s.add_argument("--summary", required=True, help="ensemble.json")
+    s.add_argument("--data", required=True, help="data.npz (for the test labels)")
+    s.add_argument("--test", nargs="+", required=True, help="probs_test.npy per seed, in seed order")
+    s.add_argument("--ece-bins", type=int, required=True)
+    s = figure("accuracy", "single vs ensemble accuracy per experiment")
+    s.add_argument("--experiments", type=_json_arg, required=True, help="{name: ensemble.json}")
+    s = figure("cost", "cost per model")
+    s.add_argument("--runs", type=_json_arg, required=True,
+                   help="{name: {seed: {benchmark: tsv, history: csv}}}")
+    s = what.add_parser("summary", help="summary.md and summary.csv")
+    s.add_argument("--experiments", type=_json_arg, required=True, help="{name: ensemble.json}")
+    s.add_argument("--runs", type=_json_arg, required=True)
+    s.add_argument("--comparisons", required=True, help="comparisons.json")
+    s.add_argument("--published", required=True, help="report.published (JSON)")
+    s.add_argument("--out", nargs=2, required=True, metavar=("MD", "CSV"))
+    p.set_defaults(func=cmd_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cifar-ensembles", description=__doc__)
+    p = argparse.ArgumentParser(prog="cifar-ensembles", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("download", help="fetch a dataset (torchvision download or local source), MD5-checked")
     s.add_argument("--dataset", required=True)
+    s.add_argument("--spec", required=True, help="{source, url, md5} (JSON)")
     s.add_argument("--out", required=True, help="folder to fill with the verified raw files")
-    s.add_argument("--source", help="local archive or folder instead of downloading")
-    s.add_argument("--url", help="download address (default: torchvision's)")
-    s.add_argument("--md5", help="expected MD5 of the archive (default: torchvision's)")
     s.set_defaults(func=cmd_download)
 
     s = sub.add_parser("download-weights", help="fetch ImageNet ResNet-18 weights (hash-checked)")
+    s.add_argument("--spec", required=True, help="pretrained_weights (JSON)")
     s.add_argument("--out", required=True)
-    s.add_argument("--url", help="default: torchvision's ResNet18_Weights.IMAGENET1K_V1")
-    s.add_argument("--file", help="a local state dict instead of downloading")
     s.set_defaults(func=cmd_download_weights)
 
     s = sub.add_parser("prepare", help="split and pack a dataset into data.npz")
     s.add_argument("--dataset", required=True)
+    s.add_argument("--spec", required=True,
+                   help="{val_size, split_seed, subset} (JSON)")
     s.add_argument("--raw", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--val-size", type=int, default=5000)
-    s.add_argument("--split-seed", type=int, default=0)
-    s.add_argument("--train-subset", type=int)
-    s.add_argument("--test-subset", type=int)
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("train", help="train one model for one seed")
     s.add_argument("--data", required=True)
-    s.add_argument("--spec", required=True, type=_json_arg, help="the experiment's training config, as JSON")
+    s.add_argument("--spec", required=True, help="the training spec (JSON)")
+    s.add_argument("--runtime", required=True, help="the runtime spec (JSON)")
     s.add_argument("--seed", required=True, type=int)
     s.add_argument("--out-dir", required=True)
     s.add_argument("--checkpoint", help="resume from / save to this path (not a workflow output)")
-    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--threads", required=True, type=int)
     s.add_argument("--weights", help="pretrained weights file (for model.pretrained)")
-    s.add_argument("--name", default="", help="prefix for progress lines, e.g. experiment/seed")
-    s.add_argument("--gpu-slots", type=int, choices=(1, 2, 4, 8),
-                   help="the job's share of a GPU's 8 slots (the workflow's gpu_slots resource)")
+    s.add_argument("--name", help="prefix for progress lines, e.g. experiment/seed")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("predict", help="class probabilities of one model on one split")
@@ -152,9 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", required=True, choices=("val", "test"))
     s.add_argument("--probs", required=True)
     s.add_argument("--metrics", required=True)
-    s.add_argument("--batch-size", type=int, default=512)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--spec", required=True, help="{device, batch_size} (JSON)")
+    s.add_argument("--threads", required=True, type=int)
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("ensemble", help="voting, subsets, greedy selection, calibration; k chosen on val")
@@ -162,12 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", required=True, type=int, nargs="+")
     s.add_argument("--val", required=True, nargs="+", help="probs_val.npy per seed, in seed order")
     s.add_argument("--test", required=True, nargs="+", help="probs_test.npy per seed, in seed order")
-    s.add_argument("--method", default="soft", choices=("soft", "hard"))
-    s.add_argument("--max-subsets", type=int, default=500)
-    s.add_argument("--subset-seed", type=int, default=0)
-    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
-    s.add_argument("--bootstrap-seed", type=int, default=0)
-    s.add_argument("--ece-bins", type=int, default=15)
+    s.add_argument("--spec", required=True, help="the ensemble spec (JSON)")
     s.add_argument("--csv", required=True)
     s.add_argument("--json", required=True)
     s.set_defaults(func=cmd_ensemble)
@@ -178,24 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_compare)
 
-    s = sub.add_parser("report", help="figures and summary tables")
-    s.add_argument("what", choices=("curves", "ensemble", "reliability", "accuracy", "cost", "summary"))
-    s.add_argument("--inputs", nargs="*", default=[])
-    s.add_argument("--experiment", default="")
-    s.add_argument("--experiments", type=_json_arg, default={}, help="{name: ensemble.json}")
-    s.add_argument("--runs", type=_json_arg, default={},
-                   help="{name: {seed: {benchmark: tsv, history: csv}}}")
-    s.add_argument("--published", type=_json_arg, default={})
-    s.add_argument("--ece-bins", type=int, default=15)
-    s.add_argument("--dpi", type=int, default=150)
-    s.add_argument("--out", nargs="+", required=True)
-    s.set_defaults(func=cmd_report)
+    _add_report_parsers(sub)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .train import Preempted
+    from .training import Preempted
 
     try:
         args.func(args)
@@ -210,4 +244,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -4,31 +4,40 @@
 most relevant error and names its field as a dotted path
 (`experiments.single_asam.optimizer.lr: -1 is less than or equal to the minimum of 0`);
 an unknown key is named itself, with the allowed keys and the closest one when it looks
-misspelt. Then it checks what the schema cannot express: experiments named in
-`run_experiments` exist, the cosine floor is below the learning rate of every resolved
-experiment (defaults merged with the experiment's overrides), ImageNet weights are asked
-for only with the architecture they exist for, and the validation split fits the standard
+misspelt, or where it moved to. Every number must be finite (YAML's .nan and .inf pass a
+JSON schema). Then the config is resolved into its typed spec (`spec.resolve`) and what the
+schema cannot express is checked on that: experiments named in `run_experiments` exist, the
+cosine floor is below the learning rate of every experiment, ImageNet weights are asked for
+only with the architecture they exist for, and the validation split fits the standard
 archives. Light on purpose: Snakemake imports it at parse time (no torch).
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
+import math
 import os
 import re
 from collections.abc import Iterable
 
 from .errors import UserError
+from .spec import WorkflowSpec, origin, resolve
 
 # Images in the standard archives (torchvision's MD5 enforces them when data.md5 is null).
 TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}
 TEST_IMAGES = {"cifar10": 10_000, "cifar100": 10_000, "fashion_mnist": 10_000}
 PRETRAINED_MODELS = ("resnet18",)  # architectures with ImageNet weights
+# Keys of earlier releases and where they live now (speed settings moved to `runtime`).
+MOVED = {
+    "device": "runtime.device", "compile": "runtime.compile", "channels_last": "runtime.channels_last",
+    "cudnn_benchmark": "runtime.cudnn_benchmark", "jobs_per_gpu": "runtime.jobs_per_gpu",
+    "eval_batch_size": "runtime.eval_batch_size", "loader": "runtime.loader",
+    "predict": "runtime.predict_batch_size and runtime.device",
+}
 
 
-def validate_config(config: dict, schema_path: str | os.PathLike) -> None:
-    """Raise UserError (one line, naming the field) unless `config` is valid; None otherwise."""
+def validate_config(config: dict, schema_path: str | os.PathLike) -> WorkflowSpec:
+    """The config's resolved spec; UserError (one line, naming the field) when it is invalid."""
     import yaml
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import best_match
@@ -38,7 +47,22 @@ def validate_config(config: dict, schema_path: str | os.PathLike) -> None:
     error = best_match(Draft202012Validator(schema).iter_errors(config))
     if error is not None:
         raise UserError(describe(error, schema))
-    check_semantics(config)
+    check_finite(config)
+    spec = resolve(config)
+    check_semantics(config, spec)
+    return spec
+
+
+def check_finite(value, path: str = "config") -> None:
+    """Every number in `value` is finite; the first one that is not is named."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{path}: {value} is not a finite number")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_finite(item, _join(path, str(key)))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_finite(item, f"{path}[{i}]")
 
 
 # ------------------------------------------------------------------ schema errors
@@ -93,6 +117,8 @@ def describe(error, schema: dict) -> str:
                    if k not in allowed and not any(re.search(p, str(k)) for p in patterns)]
         if unknown and allowed:
             key = unknown[0]
+            if key in MOVED:
+                return f"{_join(path, str(key))}: moved to {MOVED[key]} (speed settings rerun nothing there)"
             return (f"{_join(path, str(key))}: unknown key{_suggest(key, allowed)} "
                     f"(allowed: {', '.join(allowed)})")
     if keyword == "required":
@@ -115,72 +141,42 @@ def describe(error, schema: dict) -> str:
 
 
 # --------------------------------------------------------------- semantic checks
-def deep_merge(base: dict, override: dict) -> dict:
-    """A copy of `base` with `override` merged in, key by key (lists are replaced)."""
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def resolved_experiment(config: dict, name: str) -> dict:
-    """The experiment's full training config: `training` plus its overrides, without seeds."""
-    overrides = {k: v for k, v in config["experiments"][name].items() if k != "seeds"}
-    return deep_merge(config.get("training") or {}, overrides)
-
-
-def _origin(config: dict, name: str, *keys: str) -> str:
-    """Dotted path of the value an experiment uses: its own override, or the training default."""
-    node = config["experiments"][name]
-    for key in keys:
-        if not isinstance(node, dict) or key not in node:
-            return "training." + ".".join(keys)
-        node = node[key]
-    return f"experiments.{name}." + ".".join(keys)
-
-
-def check_semantics(config: dict) -> None:
-    """What the schema cannot express; assumes the config passed the schema."""
-    experiments = config["experiments"]
-    for name in config.get("run_experiments") or []:
-        if name not in experiments:
+def check_semantics(config: dict, spec: WorkflowSpec) -> None:
+    """What the schema cannot express, on the resolved spec; names the key a value comes from."""
+    for name in spec.run_experiments or ():
+        if name not in spec.experiments:
             raise UserError(f"run_experiments: {name!r} is not an experiment in the config"
-                            f"{_suggest(name, experiments)} (experiments: {', '.join(experiments)})")
-    for name in experiments:
-        spec = resolved_experiment(config, name)
-        scheduler, optimizer = spec.get("scheduler") or {}, spec.get("optimizer") or {}
-        if scheduler.get("name") == "cosine" and "lr" in optimizer:
-            floor = scheduler.get("min_lr", 0.0)
-            if floor >= optimizer["lr"]:
-                raise UserError(
-                    f"{_origin(config, name, 'scheduler', 'min_lr')}: {floor} must be below the "
-                    f"learning rate of experiment {name!r} ({_origin(config, name, 'optimizer', 'lr')} = "
-                    f"{optimizer['lr']}) for the cosine schedule")
-        model = spec.get("model") or {}
-        if model.get("pretrained") and model.get("name") not in PRETRAINED_MODELS:
+                            f"{_suggest(name, spec.experiments)} "
+                            f"(experiments: {', '.join(spec.experiments)})")
+    for name, experiment in spec.experiments.items():
+        training = experiment.training
+        if training.scheduler.name == "cosine" and training.scheduler.min_lr >= training.optimizer.lr:
             raise UserError(
-                f"{_origin(config, name, 'model', 'pretrained')}: ImageNet weights exist only for "
+                f"{origin(config, name, 'training', 'scheduler', 'min_lr')}: {training.scheduler.min_lr} "
+                f"must be below the learning rate of experiment {name!r} "
+                f"({origin(config, name, 'training', 'optimizer', 'lr')} = {training.optimizer.lr}) "
+                "for the cosine schedule")
+        model = training.model
+        if model.pretrained and model.name not in PRETRAINED_MODELS:
+            raise UserError(
+                f"{origin(config, name, 'training', 'model', 'pretrained')}: ImageNet weights exist only for "
                 f"{', '.join(PRETRAINED_MODELS)}, but experiment {name!r} uses "
-                f"{_origin(config, name, 'model', 'name')} = {model.get('name')}; set pretrained: false")
-    _check_split(config)
+                f"{origin(config, name, 'training', 'model', 'name')} = {model.name}; set pretrained: false")
+    _check_split(spec)
 
 
-def _check_split(config: dict) -> None:
+def _check_split(spec: WorkflowSpec) -> None:
     """The validation split and subsets against the standard archive's size (when md5 enforces it)."""
-    data, dataset = config.get("data") or {}, config.get("dataset")
-    if data.get("md5") or dataset not in TRAIN_IMAGES:
+    data, dataset = spec.data, spec.dataset
+    if data.md5:
         return  # another archive: prepare checks the sizes against the real data
     n_train, n_test = TRAIN_IMAGES[dataset], TEST_IMAGES[dataset]
-    val_size = data["val_size"]
-    if val_size >= n_train:
-        raise UserError(f"data.val_size: {val_size} must be smaller than the {dataset} training set "
+    if data.val_size >= n_train:
+        raise UserError(f"data.val_size: {data.val_size} must be smaller than the {dataset} training set "
                         f"({n_train} images)")
-    subset = data.get("subset") or {}
-    if subset.get("train") is not None and subset["train"] > n_train - val_size:
-        raise UserError(f"data.subset.train: {subset['train']} is more than the {n_train - val_size} "
+    subset = data.subset
+    if subset.train is not None and subset.train > n_train - data.val_size:
+        raise UserError(f"data.subset.train: {subset.train} is more than the {n_train - data.val_size} "
                         f"{dataset} training images left after the validation split")
-    if subset.get("test") is not None and subset["test"] > n_test:
-        raise UserError(f"data.subset.test: {subset['test']} is more than the {n_test} {dataset} test images")
+    if subset.test is not None and subset.test > n_test:
+        raise UserError(f"data.subset.test: {subset.test} is more than the {n_test} {dataset} test images")

@@ -20,7 +20,7 @@ def ema_decay(decay: float, warmup_steps: int, n_updates: int) -> float:
     return decay * (1.0 - math.exp(-n_updates / warmup_steps))
 
 
-def make_ema(model: nn.Module, decay: float, warmup_steps: int = 0) -> AveragedModel:
+def make_ema(model: nn.Module, decay: float, warmup_steps: int) -> AveragedModel:
     """An AveragedModel that starts as a copy of `model` (e_0 = w_0)."""
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"EMA decay must be in [0, 1), got {decay}")

@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .spec import LossSpec
 
 LOSS_NAMES = ("cross_entropy", "asl")
 
 
 class AsymmetricLossSingleLabel(nn.Module):
-    def __init__(self, gamma_pos: float = 0.0, gamma_neg: float = 4.0, eps: float = 0.1,
-                 reduction: str = "mean"):
+    def __init__(self, gamma_pos: float, gamma_neg: float, eps: float, reduction: str = "mean"):
         super().__init__()
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
@@ -40,12 +40,9 @@ class AsymmetricLossSingleLabel(nn.Module):
         return loss
 
 
-def build_loss(spec: dict) -> nn.Module:
-    name = spec.get("name")
-    if name == "cross_entropy":
-        return nn.CrossEntropyLoss(label_smoothing=float(spec.get("label_smoothing", 0.0)))
-    if name == "asl":
-        return AsymmetricLossSingleLabel(float(spec.get("gamma_pos", 0.0)),
-                                         float(spec.get("gamma_neg", 4.0)),
-                                         float(spec.get("eps", 0.1)))
-    raise UserError(f"loss.name: unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+def build_loss(spec: LossSpec) -> nn.Module:
+    if spec.name == "cross_entropy":
+        return nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing)
+    if spec.name == "asl":
+        return AsymmetricLossSingleLabel(spec.gamma_pos, spec.gamma_neg, spec.eps)
+    raise UserError(f"loss.name: unknown loss {spec.name!r}; choose one of {', '.join(LOSS_NAMES)}")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .spec import ModelSpec
 
 MODEL_NAMES = ("resnet18_cifar", "resnet18")
 
@@ -41,7 +42,7 @@ class BasicBlock(nn.Module):
 class ResNet18Cifar(nn.Module):
     """ResNet-18 for small images: stages of width w, 2w, 4w, 8w with two blocks each."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64):
+    def __init__(self, num_classes: int, in_channels: int, width: int):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU(inplace=True))
@@ -72,20 +73,18 @@ class Resized(nn.Module):
         return self.net(x)
 
 
-def build_model(spec: dict, num_classes: int, in_channels: int) -> nn.Module:
-    """Build the network named in a `model:` config section (weights are random here)."""
-    name = spec.get("name")
-    if name == "resnet18_cifar":
-        return ResNet18Cifar(num_classes, in_channels, int(spec.get("width", 64)))
-    if name == "resnet18":
+def build_model(spec: ModelSpec, num_classes: int, in_channels: int) -> nn.Module:
+    """Build the network a `model:` spec names (weights are random here)."""
+    if spec.name == "resnet18_cifar":
+        return ResNet18Cifar(num_classes, in_channels, spec.width)
+    if spec.name == "resnet18":
         from torchvision.models import resnet18
 
         net = resnet18(weights=None, num_classes=num_classes)
         if in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-        size = spec.get("input_size")
-        return Resized(net, int(size)) if size else net
-    raise UserError(f"model.name: unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+        return Resized(net, spec.input_size) if spec.input_size else net
+    raise UserError(f"model.name: unknown model {spec.name!r}; choose one of {', '.join(MODEL_NAMES)}")
 
 
 def load_pretrained(model: nn.Module, weights_file: str | os.PathLike) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .spec import OptimizerSpec
 
 OPTIMIZER_NAMES = ("sgd", "adam", "sam", "asam")
 BASE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
@@ -28,13 +29,15 @@ class SAM(torch.optim.Optimizer):
     `adaptive=True`, which also uses eta = 0).
     """
 
-    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False,
-                 eta: float = 0.01, adaptive_params: str = "weights", **base_kwargs):
+    def __init__(self, params, base_optimizer, *, rho: float, adaptive: bool = False,
+                 eta: float | None = None, adaptive_params: str | None = None, **base_kwargs):
         if rho < 0:
             raise ValueError(f"rho must be >= 0, got {rho}")
-        if eta < 0:
+        if adaptive and (eta is None or adaptive_params is None):
+            raise ValueError("ASAM (adaptive=True) needs eta and adaptive_params")
+        if eta is not None and eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        if adaptive_params not in ("weights", "all"):
+        if adaptive_params not in (None, "weights", "all"):
             raise ValueError(f"adaptive_params must be 'weights' or 'all', got {adaptive_params!r}")
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, adaptive_params=adaptive_params,
                         **base_kwargs)
@@ -125,26 +128,23 @@ def frozen_bn_stats(model: nn.Module):
             m.track_running_stats = True
 
 
-def build_optimizer(model: nn.Module, spec: dict) -> torch.optim.Optimizer:
-    """The optimizer named in an `optimizer:` config section."""
-    name = spec.get("name")
-    lr, wd = float(spec["lr"]), float(spec.get("weight_decay", 0.0))
+def base_optimizer_kwargs(spec: OptimizerSpec, base: str) -> dict:
+    """The keyword arguments of torch's SGD or Adam for an `optimizer:` spec."""
+    if base == "sgd":
+        return dict(lr=spec.lr, weight_decay=spec.weight_decay, momentum=spec.momentum,
+                    nesterov=spec.nesterov)
+    if base == "adam":
+        return dict(lr=spec.lr, weight_decay=spec.weight_decay, betas=spec.betas)
+    raise UserError(f"optimizer.base: unknown base optimizer {base!r}; choose sgd or adam")
 
-    def base_kwargs(base: str) -> dict:
-        if base == "sgd":
-            return dict(lr=lr, weight_decay=wd, momentum=float(spec.get("momentum", 0.9)),
-                        nesterov=bool(spec.get("nesterov", False)))
-        if base == "adam":
-            return dict(lr=lr, weight_decay=wd, betas=tuple(spec.get("betas", (0.9, 0.999))))
-        raise UserError(f"optimizer.base: unknown base optimizer {base!r}; choose sgd or adam")
 
-    if name in BASE_OPTIMIZERS:
-        return BASE_OPTIMIZERS[name](model.parameters(), **base_kwargs(name))
-    if name in ("sam", "asam"):
-        base = spec.get("base", "sgd")
-        kwargs = base_kwargs(base)
-        return SAM(model.named_parameters(), BASE_OPTIMIZERS[base], rho=float(spec.get("rho", 0.05)),
-                   adaptive=name == "asam", eta=float(spec.get("eta", 0.01)),
-                   adaptive_params=spec.get("adaptive_params", "weights"), **kwargs)
-    raise UserError(f"optimizer.name: unknown optimizer {name!r}; choose one of "
+def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
+    """The optimizer an `optimizer:` spec names."""
+    if spec.name in BASE_OPTIMIZERS:
+        return BASE_OPTIMIZERS[spec.name](model.parameters(), **base_optimizer_kwargs(spec, spec.name))
+    if spec.name in ("sam", "asam"):
+        return SAM(model.named_parameters(), BASE_OPTIMIZERS[spec.base], rho=spec.rho,
+                   adaptive=spec.name == "asam", eta=spec.eta, adaptive_params=spec.adaptive_params,
+                   **base_optimizer_kwargs(spec, spec.base))
+    raise UserError(f"optimizer.name: unknown optimizer {spec.name!r}; choose one of "
                     f"{', '.join(OPTIMIZER_NAMES)}")

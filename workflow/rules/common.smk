@@ -1,55 +1,67 @@
 # Helpers shared by the stage files: config validation, experiment resolution, paths.
 import json
 import os
-import shlex
 import sys
 
 # albumentations asks PyPI for updates on import unless told not to (offline clusters).
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 try:
-    from cifar_ensembles.configcheck import resolved_experiment, validate_config
+    from cifar_ensembles.configcheck import validate_config
 except ImportError:  # snakemake from an environment without the package: use the checkout's
     sys.path.insert(0, os.path.join(workflow.basedir, "src"))
-    from cifar_ensembles.configcheck import resolved_experiment, validate_config
+    from cifar_ensembles.configcheck import validate_config
 from cifar_ensembles.errors import UserError
+from cifar_ensembles.spec import PredictSpec
+from cifar_ensembles.typed import to_json
 
-# The schema, then what it cannot express, before any job runs. A problem ends the run with
-# one line naming the field (sys.exit's message is all Snakemake prints, no traceback).
+# The schema, then what it cannot express, before any job runs; then the config resolved once
+# into typed specs. A problem ends the run with one line naming the field (sys.exit's message
+# is all Snakemake prints, no traceback).
 try:
-    validate_config(config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"))
+    SPEC = validate_config(config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"))
 except UserError as err:
     sys.exit(f"config error: {err}")
 
-DATASET = config["dataset"]
+DATASET = SPEC.dataset
 DATA = f"resources/{DATASET}/data.npz"
 WEIGHTS = "resources/weights/resnet18_imagenet.pth"
 SUMMARY = "results/report/summary.md"
-EXPERIMENTS = config.get("run_experiments") or list(config["experiments"])
+EXPERIMENTS = SPEC.selected
+
+# What reruns what. A rule's params hold exactly the spec its outputs depend on (Snakemake
+# reruns a job whose params changed). Runtime settings (how fast, never what) reach jobs as
+# string resources instead, which Snakemake does not compare: changing them reruns nothing.
 
 
 def seeds(experiment):
-    return config["experiments"][experiment]["seeds"]
-
-
-def training_spec(experiment):
-    """The experiment's full training config: defaults plus its overrides, without seeds."""
-    return resolved_experiment(config, experiment)
-
-
-# Scheduling-only keys: they reach the job through resources (gpu_slots), not params, so
-# changing them never reruns training.
-NOT_RESULTS = ("jobs_per_gpu",)
+    return SPEC.experiments[experiment].seeds
 
 
 def training_params(experiment):
-    spec = training_spec(experiment)
-    return json.dumps({k: v for k, v in spec.items() if k not in NOT_RESULTS}, sort_keys=True)
+    """The training spec: what the model learns."""
+    return to_json(SPEC.experiments[experiment].training)
+
+
+def runtime_settings(experiment):
+    """The runtime spec (a resource, not a param): how fast training runs."""
+    return to_json(SPEC.experiments[experiment].runtime)
+
+
+def predict_settings(experiment):
+    """How the predict jobs run (a resource, not a param): device and batch size."""
+    runtime = SPEC.experiments[experiment].runtime
+    return to_json(PredictSpec(device=runtime.device, batch_size=runtime.predict_batch_size))
+
+
+def gpu_slots(experiment):
+    """A GPU has 8 slots; a training job takes 8 / runtime.jobs_per_gpu of them."""
+    return 8 // SPEC.experiments[experiment].runtime.jobs_per_gpu
 
 
 def uses_pretrained(experiment):
-    model = training_spec(experiment)["model"]
-    return model.get("name") == "resnet18" and bool(model.get("pretrained"))
+    model = SPEC.experiments[experiment].training.model
+    return model.name == "resnet18" and model.pretrained
 
 
 def run_dir(experiment, seed):
@@ -108,8 +120,8 @@ def flat(mapping):
     return [mapping]
 
 
-def optional_arg(flag, value):
-    """`--flag value` (quoted) when value is set, else nothing."""
-    if value in (None, ""):
-        return ""
-    return f"{flag} {shlex.quote(str(value))}"
+def published(experiment=None):
+    """report.published as JSON (of one experiment, or null): the report's numbers, shown beside ours."""
+    if experiment is None:
+        return to_json(SPEC.report.published)
+    return to_json((SPEC.report.published or {}).get(experiment))

@@ -6,9 +6,7 @@ rule download:
     output:
         directory("resources/{dataset}/raw"),
     params:
-        source=optional_arg("--source", config["data"].get("source")),
-        url=optional_arg("--url", config["data"].get("url")),
-        md5=optional_arg("--md5", config["data"].get("md5")),
+        spec=to_json(SPEC.source),
     log:
         "logs/download/{dataset}.log",
     retries: 2
@@ -16,16 +14,14 @@ rule download:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "cifar-ensembles download --dataset {wildcards.dataset} --out {output} "
-        "{params.source} {params.url} {params.md5} 2> {log}"
+        "cifar-ensembles download --dataset {wildcards.dataset} --spec {params.spec:q} --out {output} 2> {log}"
 
 
 rule download_weights:
     output:
         WEIGHTS,
     params:
-        url=optional_arg("--url", config.get("pretrained_weights", {}).get("url")),
-        file=optional_arg("--file", config.get("pretrained_weights", {}).get("file")),
+        spec=to_json(SPEC.pretrained_weights),
     log:
         "logs/download/weights.log",
     retries: 2
@@ -33,4 +29,4 @@ rule download_weights:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "cifar-ensembles download-weights --out {output} {params.url} {params.file} 2> {log}"
+        "cifar-ensembles download-weights --spec {params.spec:q} --out {output} 2> {log}"

@@ -12,12 +12,7 @@ rule ensemble:
         json="results/{experiment}/ensemble.json",
     params:
         seeds=lambda wc: " ".join(str(s) for s in seeds(wc.experiment)),
-        method=config["ensemble"]["method"],
-        max_subsets=config["ensemble"]["max_subsets"],
-        subset_seed=config["ensemble"]["subset_seed"],
-        bootstrap=config["ensemble"]["bootstrap"],
-        bootstrap_seed=config["ensemble"]["bootstrap_seed"],
-        ece_bins=config["ensemble"]["ece_bins"],
+        spec=to_json(SPEC.ensemble),
     log:
         "logs/ensemble/{experiment}.log",
     localrule: True
@@ -25,10 +20,7 @@ rule ensemble:
         "../../envs/torch.yaml"
     shell:
         "cifar-ensembles ensemble --data {input.data} --seeds {params.seeds} --val {input.val} "
-        "--test {input.test} --method {params.method} --max-subsets {params.max_subsets} "
-        "--subset-seed {params.subset_seed} --bootstrap {params.bootstrap} "
-        "--bootstrap-seed {params.bootstrap_seed} --ece-bins {params.ece_bins} "
-        "--csv {output.csv} --json {output.json} 2> {log}"
+        "--test {input.test} --spec {params.spec:q} --csv {output.csv} --json {output.json} 2> {log}"
 
 
 rule compare:

@@ -14,14 +14,14 @@ rule plot_training_curves:
         ),
         svg="results/report/{experiment}/training_curves.svg",
     params:
-        dpi=config["report"]["dpi"],
+        dpi=SPEC.report.dpi,
     log:
         "logs/report/{experiment}_training_curves.log",
     localrule: True
     conda:
         "../../envs/torch.yaml"
     shell:
-        "cifar-ensembles report curves --experiment {wildcards.experiment} --inputs {input} "
+        "cifar-ensembles report curves --experiment {wildcards.experiment} --histories {input} "
         "--dpi {params.dpi} --out {output.png} {output.svg} 2> {log}"
 
 
@@ -37,17 +37,15 @@ rule plot_ensemble_curve:
         ),
         svg="results/report/{experiment}/ensemble_curve.svg",
     params:
-        dpi=config["report"]["dpi"],
-        published=lambda wc: json.dumps(
-            (config["report"].get("published") or {}).get(wc.experiment) or {}
-        ),
+        dpi=SPEC.report.dpi,
+        published=lambda wc: published(wc.experiment),
     log:
         "logs/report/{experiment}_ensemble_curve.log",
     localrule: True
     conda:
         "../../envs/torch.yaml"
     shell:
-        "cifar-ensembles report ensemble --experiment {wildcards.experiment} --inputs {input} "
+        "cifar-ensembles report ensemble --experiment {wildcards.experiment} --summary {input} "
         "--published {params.published:q} --dpi {params.dpi} --out {output.png} {output.svg} 2> {log}"
 
 
@@ -65,8 +63,8 @@ rule plot_reliability:
         ),
         svg="results/report/{experiment}/reliability.svg",
     params:
-        dpi=config["report"]["dpi"],
-        ece_bins=config["ensemble"]["ece_bins"],
+        dpi=SPEC.report.dpi,
+        ece_bins=SPEC.ensemble.ece_bins,
     log:
         "logs/report/{experiment}_reliability.log",
     localrule: True
@@ -74,7 +72,7 @@ rule plot_reliability:
         "../../envs/torch.yaml"
     shell:
         "cifar-ensembles report reliability --experiment {wildcards.experiment} "
-        "--inputs {input.json} {input.data} {input.probs} --ece-bins {params.ece_bins} "
+        "--summary {input.json} --data {input.data} --test {input.probs} --ece-bins {params.ece_bins} "
         "--dpi {params.dpi} --out {output.png} {output.svg} 2> {log}"
 
 
@@ -90,7 +88,7 @@ rule plot_accuracy:
         ),
         svg="results/report/accuracy.svg",
     params:
-        dpi=config["report"]["dpi"],
+        dpi=SPEC.report.dpi,
         experiments=json.dumps(ensemble_jsons()),
     log:
         "logs/report/accuracy.log",
@@ -114,7 +112,7 @@ rule plot_cost:
         ),
         svg="results/report/cost.svg",
     params:
-        dpi=config["report"]["dpi"],
+        dpi=SPEC.report.dpi,
         runs=json.dumps(run_files()),
     log:
         "logs/report/cost.log",
@@ -138,7 +136,7 @@ rule summary:
     params:
         experiments=json.dumps(ensemble_jsons()),
         runs=json.dumps(run_files()),
-        published=json.dumps(config["report"].get("published") or {}),
+        published=published(),
     log:
         "logs/report/summary.log",
     localrule: True
@@ -146,5 +144,5 @@ rule summary:
         "../../envs/torch.yaml"
     shell:
         "cifar-ensembles report summary --experiments {params.experiments:q} --runs {params.runs:q} "
-        "--inputs {input.comparisons} --published {params.published:q} "
+        "--comparisons {input.comparisons} --published {params.published:q} "
         "--out {output.md} {output.csv} 2> {log}"

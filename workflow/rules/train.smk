@@ -11,6 +11,7 @@ rule train:
         history="results/{experiment}/seed{seed}/history.csv",
         run="results/{experiment}/seed{seed}/run.yaml",
     params:
+        # the training spec: changing it retrains (and it is all that does)
         spec=lambda wc: training_params(wc.experiment),
         out_dir=lambda wc: run_dir(wc.experiment, wc.seed),
         checkpoint=lambda wc: f"{run_dir(wc.experiment, wc.seed)}/checkpoint.pt",
@@ -22,13 +23,15 @@ rule train:
     threads: 4
     resources:
         gpu=1,
-        # A GPU has 8 slots; a job takes 8 / jobs_per_gpu of them (training.jobs_per_gpu:
-        # 1, 2, 4 or 8), so `--resources gpu_slots=8` per GPU runs jobs_per_gpu seeds on each.
-        gpu_slots=lambda wc: 8 // int(training_spec(wc.experiment).get("jobs_per_gpu", 1)),
+        # A GPU has 8 slots; a job takes 8 / runtime.jobs_per_gpu of them (1, 2, 4 or 8 jobs
+        # per GPU), so `--resources gpu_slots=8` per GPU runs jobs_per_gpu seeds on each.
+        gpu_slots=lambda wc: gpu_slots(wc.experiment),
+        # the runtime spec: a resource, not a param, so that changing it reruns nothing
+        runtime_settings=lambda wc: runtime_settings(wc.experiment),
     conda:
         "../../envs/torch.yaml"
     shell:
-        "cifar-ensembles train --data {input.data} --spec {params.spec:q} --seed {wildcards.seed} "
-        "--out-dir {params.out_dir} --checkpoint {params.checkpoint} --threads {threads} "
-        "--name {wildcards.experiment}/seed{wildcards.seed} --gpu-slots {resources.gpu_slots} "
-        "{params.weights} 2> {log}"
+        "cifar-ensembles train --data {input.data} --spec {params.spec:q} "
+        "--runtime {resources.runtime_settings:q} --seed {wildcards.seed} --out-dir {params.out_dir} "
+        "--checkpoint {params.checkpoint} --threads {threads} "
+        "--name {wildcards.experiment}/seed{wildcards.seed} {params.weights} 2> {log}"

@@ -1,4 +1,5 @@
-"""Batched augmentation on the training device (`augment.device: gpu`).
+"""Batched augmentation on the training device (`augment.mode: batched`); `augment` holds the
+per-image counterpart.
 
 The prepared uint8 training images are copied to the device once. Every batch is then
 augmented there with tensor operations, with no DataLoader and no workers: pad + random
@@ -34,10 +35,10 @@ import numpy as np
 import torch
 
 from .augment import epoch_order
+from .device import to_channels_last
 from .errors import UserError
-from .inference import to_channels_last
+from .spec import AugmentSpec
 
-AUGMENT_DEVICES = ("cpu", "gpu")
 _STREAM_TAG = 0x67707561  # "gpua": keeps this stream apart from any other use of (seed, epoch)
 
 
@@ -56,25 +57,21 @@ class BatchedAugment:
     `apply(images, index, params)` augments `images[index]` with them on images' device.
     """
 
-    def __init__(self, spec: dict, image_size: int, mean, std, device: torch.device | str = "cpu",
-                 channels_last: bool = False):
-        name = spec.get("name", "torchvision")
-        if name not in ("albumentations", "torchvision", "none"):
-            raise UserError(f"augment.name: unknown augmentation {name!r}; choose one of "
-                            "albumentations, torchvision, none")
-        random = name != "none"
+    def __init__(self, spec: AugmentSpec, image_size: int, mean, std, device: torch.device | str,
+                 channels_last: bool):
+        random = spec.name != "none"
         self.size = int(image_size)
-        self.pad = int(spec.get("pad", 4)) if random else 0
-        self.reflect = spec.get("pad_mode", "constant") == "reflect"
+        self.pad = spec.pad if random else 0
+        self.reflect = spec.pad_mode == "reflect"
         if self.reflect and self.pad >= self.size:
             raise UserError(f"augment.pad: reflect padding needs pad < image size ({self.size})")
-        self.flip = bool(spec.get("flip", True)) and random
-        cutout = (spec.get("cutout", {}) or {}) if name == "albumentations" else {}
-        holes, size = int(cutout.get("holes", 1)), int(cutout.get("size", 8))
-        self.holes = holes if name == "albumentations" and holes > 0 and size > 0 else 0
-        self.hole = min(size, self.size)
-        self.cutout_p = float(cutout.get("p", 1.0)) if self.holes else 0.0
-        fill = np.array(cutout.get("fill", 0), dtype=np.float64).astype(np.uint8)
+        self.flip = spec.flip and random
+        cutout = spec.cutout
+        uses_cutout = spec.name == "albumentations" and cutout.holes > 0 and cutout.size > 0
+        self.holes = cutout.holes if uses_cutout else 0
+        self.hole = min(cutout.size, self.size)
+        self.cutout_p = cutout.p if self.holes else 0.0
+        fill = np.array(cutout.fill, dtype=np.float64).astype(np.uint8)
         self.fill = int(fill) if self.holes else 0
         self.device = torch.device(device)
         self.channels_last = bool(channels_last)
@@ -151,7 +148,7 @@ class BatchedAugment:
 
 
 class DeviceBatches:
-    """Augmented batches of an epoch, made on the device: the GPU input path's loader.
+    """Augmented batches of an epoch, made on the device: the batched input path's loader.
 
     Like EpochBatches it has `epoch` and `start_batch` (set before iterating) and drops the
     last incomplete batch; iterating yields (x, y) already on the device.
@@ -163,7 +160,7 @@ class DeviceBatches:
         self.images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         self.labels = torch.from_numpy(np.asarray(labels, np.int64)).to(self.device)
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise UserError("augment.device: gpu needs uint8 NHWC images (the prepared data.npz)")
+            raise UserError("augment.mode: batched needs uint8 NHWC images (the prepared data.npz)")
         self.augment, self.batch_size, self.seed = augment, int(batch_size), int(seed)
         self.n = len(self.images)
         self.steps = self.n // self.batch_size

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from pathlib import Path
 
@@ -18,23 +17,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .atomic import atomic_path, write_text  # noqa: E402
-from .errors import UserError  # noqa: E402
+from ..atomic import atomic_path, write_text  # noqa: E402
+from ..formats import Comparisons, EnsembleSummary, read_benchmark_seconds, read_history  # noqa: E402
+from ..spec import PublishedSpec  # noqa: E402
 
 COLORS = {"val": "#1f77b4", "test": "#d62728", "train": "#7f7f7f", "ema": "#2ca02c"}
 
 
-def read_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Columns of a CSV file as float arrays (empty cells become NaN)."""
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as err:
-        raise UserError(f"{path}: cannot read: {err}") from None
-    if not rows:
-        raise UserError(f"{path}: no rows")
-    return {k: np.array([float(r[k]) if r[k] not in ("", None) else np.nan for r in rows])
-            for k in rows[0]}
+def history_columns(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """history.csv as float columns (epochs without validation become NaN)."""
+    rows = read_history(path)
+    return {k: np.array([np.nan if getattr(r, k) is None else getattr(r, k) for r in rows], dtype=float)
+            for k in rows[0].__dataclass_fields__}
 
 
 def _style(ax, xlabel, ylabel):
@@ -64,9 +58,9 @@ def _band(ax, x, values, color, label, linestyle="-"):
                         alpha=0.18, linewidth=0)
 
 
-def plot_training_curves(history_paths, experiment: str, out_paths, dpi: int = 150) -> None:
+def plot_training_curves(history_paths, experiment: str, out_paths, dpi: int) -> None:
     """Accuracy and loss per epoch, train and validation: mean over seeds, band = min..max."""
-    histories = [read_csv(p) for p in history_paths]
+    histories = [history_columns(p) for p in history_paths]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4), dpi=dpi)
     n = len(histories)
     suffix = f" (mean of {n} seeds, band: min-max)" if n > 1 else ""
@@ -96,61 +90,53 @@ def plot_training_curves(history_paths, experiment: str, out_paths, dpi: int = 1
     save_figure(fig, out_paths)
 
 
-def _read_json(path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: cannot read: {err}") from None
-
-
-def plot_ensemble_curve(ensemble_json, experiment: str, out_paths, published: dict | None = None,
-                        dpi: int = 150) -> None:
+def plot_ensemble_curve(ensemble_json, experiment: str, out_paths, published: PublishedSpec | None,
+                        dpi: int) -> None:
     """Accuracy vs ensemble size on validation (left) and test (right): first k seeds with
     hard and soft votes, and the mean over random member subsets with a min-max band."""
-    summary = _read_json(ensemble_json)
-    m = len(summary["seeds"])
+    summary = EnsembleSummary.load(ensemble_json)
+    m = len(summary.seeds)
     k = np.arange(1, m + 1)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=dpi, sharey=True)
     for ax, split in zip(axes, ("val", "test")):
-        first, subsets = summary["first_k"][split], summary["subsets"][split]
+        first, subsets = summary.first_k[split], summary.subsets[split]
         color = COLORS[split]
-        mean = 100 * np.asarray(subsets["soft"]["mean"])
-        ax.fill_between(k, 100 * np.asarray(subsets["soft"]["min"]), 100 * np.asarray(subsets["soft"]["max"]),
+        mean = 100 * np.asarray(subsets.soft.mean)
+        ax.fill_between(k, 100 * np.asarray(subsets.soft.min), 100 * np.asarray(subsets.soft.max),
                         color=color, alpha=0.12, linewidth=0, label="random subsets, soft: min-max")
-        std = 100 * np.asarray(subsets["soft"]["std"])
+        std = 100 * np.asarray(subsets.soft.std)
         ax.fill_between(k, mean - std, mean + std, color=color, alpha=0.22, linewidth=0,
                         label="random subsets, soft: mean ± std")
         ax.plot(k, mean, color=color, linewidth=1, linestyle=":", label="random subsets, soft: mean")
-        ax.plot(k, 100 * np.asarray(first["soft"]), color=color, marker="o", markersize=4,
+        ax.plot(k, 100 * np.asarray(first.soft), color=color, marker="o", markersize=4,
                 label="first k seeds, soft vote")
-        ax.plot(k, 100 * np.asarray(first["hard"]), color=color, marker="s", markersize=4, linestyle="--",
+        ax.plot(k, 100 * np.asarray(first.hard), color=color, marker="s", markersize=4, linestyle="--",
                 alpha=0.8, label="first k seeds, hard vote")
-        greedy = summary.get("greedy")
-        if greedy:
-            ax.plot([greedy["chosen_size"]], [100 * greedy[f"{split}_accuracy"]], marker="D", markersize=7,
+        greedy = summary.greedy
+        ax.plot([greedy.chosen_size], [100 * getattr(greedy, f"{split}_accuracy")], marker="D", markersize=7,
                     color="black", linestyle="none", label="greedy selection (val NLL)")
-        ax.axvline(summary["chosen_k"], color="black", alpha=0.35, linewidth=1)
+        ax.axvline(summary.chosen_k, color="black", alpha=0.35, linewidth=1)
         _style(ax, "ensemble size k", "accuracy (%)" if split == "val" else "")
         ax.set_xticks(k)
         ax.set_title("validation (k chosen here)" if split == "val" else "test (read once for the chosen k)",
                      fontsize=10)
-    test_acc = 100 * summary["test_accuracy"]
-    lo, hi = (100 * v for v in summary["test_ci"])
-    axes[1].annotate(f"chosen k={summary['chosen_k']}: {test_acc:.2f}%\n95% CI {lo:.2f}-{hi:.2f}%",
-                     xy=(summary["chosen_k"], test_acc), xytext=(10, -40), textcoords="offset points",
+    test_acc = 100 * summary.test_accuracy
+    lo, hi = (100 * v for v in summary.test_ci)
+    axes[1].annotate(f"chosen k={summary.chosen_k}: {test_acc:.2f}%\n95% CI {lo:.2f}-{hi:.2f}%",
+                     xy=(summary.chosen_k, test_acc), xytext=(10, -40), textcoords="offset points",
                      fontsize=9, arrowprops=dict(arrowstyle="-", color="black", alpha=0.5),
                      bbox=dict(boxstyle="round,pad=0.3", facecolor="white", edgecolor="none", alpha=0.85))
-    if published and published.get("test_accuracy") is not None:
-        pk = published.get("k", m)
-        axes[1].plot([pk], [100 * published["test_accuracy"]], marker="*", markersize=14, color="goldenrod",
-                     linestyle="none", label=f"the report: {100 * published['test_accuracy']:.2f}% (k={pk})")
+    if published is not None:
+        axes[1].plot([published.k], [100 * published.test_accuracy], marker="*", markersize=14,
+                     color="goldenrod", linestyle="none",
+                     label=f"the report: {100 * published.test_accuracy:.2f}% (k={published.k})")
     axes[1].legend(frameon=False, fontsize=8, loc="lower right")
-    fig.suptitle(f"{experiment}: ensemble accuracy vs size ({summary['method']} vote decides k)")
+    fig.suptitle(f"{experiment}: ensemble accuracy vs size ({summary.method} vote decides k)")
     save_figure(fig, out_paths)
 
 
 def _reliability_panel(ax, probs, labels, temperature, n_bins, title):
-    from .metrics import expected_calibration_error, reliability_bins, temperature_scale
+    from ..metrics import expected_calibration_error, reliability_bins, temperature_scale
 
     width = 1.0 / n_bins
     for p, color, label, fill in ((probs, COLORS["test"], "as predicted", True),
@@ -176,32 +162,32 @@ def _reliability_panel(ax, probs, labels, temperature, n_bins, title):
 
 
 def plot_reliability(ensemble_json, data_path, test_paths, experiment: str, out_paths,
-                     n_bins: int = 15, dpi: int = 150) -> None:
+                     n_bins: int, dpi: int) -> None:
     """Reliability diagrams on test of the best single model (by validation accuracy) and of
     the chosen ensemble, before and after temperature scaling fitted on validation."""
-    from .analysis import load_members, read_labels
+    from .ensemble import load_members, read_labels
 
-    summary = _read_json(ensemble_json)
+    summary = EnsembleSummary.load(ensemble_json)
     _, y_test = read_labels(data_path)
     probs = load_members(test_paths, len(y_test), "the test split")
-    seeds = summary["seeds"]
-    best = seeds.index(summary["best_single_seed"])
+    seeds = summary.seeds
+    best = seeds.index(summary.best_single_seed)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), dpi=dpi)
-    single = summary["singles"][best]
-    _reliability_panel(axes[0], probs[best], y_test, single["calibration"]["temperature"], n_bins,
+    single = summary.singles[best]
+    _reliability_panel(axes[0], probs[best], y_test, single.calibration.temperature, n_bins,
                        f"best single model (seed {seeds[best]}), test")
-    k = summary["chosen_k"]
-    _reliability_panel(axes[1], probs[:k].mean(0), y_test, summary["calibration"]["temperature"], n_bins,
+    k = summary.chosen_k
+    _reliability_panel(axes[1], probs[:k].mean(0), y_test, summary.calibration.temperature, n_bins,
                        f"chosen ensemble (mean of {k} members), test")
     fig.suptitle(f"{experiment}: reliability diagrams ({n_bins} equal-width bins)")
     save_figure(fig, out_paths)
 
 
-def plot_accuracy_bars(ensemble_jsons: dict, out_paths, dpi: int = 150) -> None:
+def plot_accuracy_bars(ensemble_jsons: dict, out_paths, dpi: int) -> None:
     """Per experiment: mean single-model and chosen-ensemble test accuracy with 95% bootstrap
     CIs (over test images); dots are the individual seeds."""
     names = list(ensemble_jsons)
-    summaries = [_read_json(ensemble_jsons[n]) for n in names]
+    summaries = [EnsembleSummary.load(ensemble_jsons[n]) for n in names]
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.8 * len(names) + 2), 4.5), dpi=dpi)
     width = 0.38
@@ -210,9 +196,9 @@ def plot_accuracy_bars(ensemble_jsons: dict, out_paths, dpi: int = 150) -> None:
         values, lows, highs = [], [], []
         for s in summaries:
             if key == "single":
-                v, (lo, hi) = s["single_test_accuracy"]["mean"], s["single_test_accuracy"]["ci_of_mean"]
+                v, (lo, hi) = s.single_test_accuracy.mean, s.single_test_accuracy.ci_of_mean
             else:
-                v, (lo, hi) = s["test_accuracy"], s["test_ci"]
+                v, (lo, hi) = s.test_accuracy, s.test_ci
             values.append(100 * v)
             lows.append(100 * (v - lo))
             highs.append(100 * (hi - v))
@@ -222,11 +208,11 @@ def plot_accuracy_bars(ensemble_jsons: dict, out_paths, dpi: int = 150) -> None:
             ax.annotate(f"{v:.2f}%", (xi, 0), xytext=(0, 6), textcoords="offset points", ha="center",
                         fontsize=8, color="white", fontweight="bold", xycoords=("data", "axes fraction"))
     for xi, s in zip(x, summaries):
-        seeds = [100 * r["test_accuracy"] for r in s["singles"]]
+        seeds = [100 * r.test_accuracy for r in s.singles]
         ax.scatter(np.full(len(seeds), xi - width / 2), seeds, color="black", s=10, zorder=3)
-    everything = [100 * r["test_accuracy"] for s in summaries for r in s["singles"]]
-    everything += [100 * s["test_ci"][0] for s in summaries]
-    top = max(100 * s["test_ci"][1] for s in summaries)
+    everything = [100 * r.test_accuracy for s in summaries for r in s.singles]
+    everything += [100 * s.test_ci[0] for s in summaries]
+    top = max(100 * s.test_ci[1] for s in summaries)
     ax.set_ylim(max(0.0, min(everything) - 2.0), min(100.0, top + 2.0))
     ax.set_xticks(x, names)
     _style(ax, "", "test accuracy (%)")
@@ -235,29 +221,19 @@ def plot_accuracy_bars(ensemble_jsons: dict, out_paths, dpi: int = 150) -> None:
     save_figure(fig, out_paths)
 
 
-def read_benchmark(path) -> float:
-    """Wall-clock seconds of a job from Snakemake's benchmark file (column `s`, first row)."""
-    try:
-        with open(path, newline="") as f:
-            row = next(csv.DictReader(f, delimiter="\t"))
-        return float(row["s"])
-    except (OSError, StopIteration, KeyError, ValueError) as err:
-        raise UserError(f"{path}: not a Snakemake benchmark file: {err}") from None
-
-
 def cost_table(runs: dict) -> dict[str, dict[str, list[float]]]:
     """Per experiment: wall seconds per model (benchmark files) and mean training images/second."""
     out = {}
     for name, seeds in runs.items():
         seconds, speed = [], []
         for files in seeds.values():
-            seconds.append(read_benchmark(files["benchmark"]))
-            speed.append(float(np.nanmean(read_csv(files["history"])["images_per_second"])))
+            seconds.append(read_benchmark_seconds(files["benchmark"]))
+            speed.append(float(np.nanmean(history_columns(files["history"])["images_per_second"])))
         out[name] = {"seconds": seconds, "images_per_second": speed}
     return out
 
 
-def plot_cost(runs: dict, out_paths, dpi: int = 150) -> None:
+def plot_cost(runs: dict, out_paths, dpi: int) -> None:
     """Training cost per model: wall-clock (GPU-)seconds and training images/second."""
     costs = cost_table(runs)
     names = list(costs)
@@ -290,48 +266,48 @@ def _mean_std(values, scale: float = 100.0, unit: str = "%", digits: int = 2) ->
     return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}{unit}"
 
 
-def write_summary(ensemble_jsons: dict, runs: dict, comparisons_json, published: dict | None,
-                  out_md, out_csv) -> None:
+def write_summary(ensemble_jsons: dict, runs: dict, comparisons_json,
+                  published: dict[str, PublishedSpec] | None, out_md, out_csv) -> None:
     """summary.md (tables a reader can scan) and summary.csv (one row per experiment, numbers)."""
     published = published or {}
     costs = cost_table(runs)
-    comparisons = _read_json(comparisons_json)["pairs"] if comparisons_json else []
+    comparisons = Comparisons.load(comparisons_json).pairs if comparisons_json else []
     rows, csv_rows = [], []
     for name, path in ensemble_jsons.items():
-        s = _read_json(path)
-        singles = s["singles"]
-        val = [r["val_accuracy"] for r in singles]
-        test = [r["test_accuracy"] for r in singles]
-        ece = [r["calibration"]["before"]["ece"] for r in singles]
-        ece_t = [r["calibration"]["after"]["ece"] for r in singles]
-        nll = [r["calibration"]["before"]["nll"] for r in singles]
-        cal = s["calibration"]
-        pub = published.get(name) or {}
-        lo, hi = s["test_ci"]
+        s = EnsembleSummary.load(path)
+        singles = s.singles
+        val = [r.val_accuracy for r in singles]
+        test = [r.test_accuracy for r in singles]
+        ece = [r.calibration.before.ece for r in singles]
+        ece_t = [r.calibration.after.ece for r in singles]
+        nll = [r.calibration.before.nll for r in singles]
+        cal = s.calibration
+        pub = published.get(name)
+        lo, hi = s.test_ci
         rows.append([name, str(len(singles)), _mean_std(val), _mean_std(test), _mean_std(nll, 1.0, "", 3),
                      f"{_mean_std(ece)} → {_mean_std(ece_t)}",
-                     f"{s['method']}, k={s['chosen_k']}", _pct(s["val_accuracy"]),
-                     f"{_pct(s['test_accuracy'])} [{100 * lo:.2f}, {100 * hi:.2f}]",
-                     f"{_pct(cal['before']['ece'])} → {_pct(cal['after']['ece'])}",
+                     f"{s.method}, k={s.chosen_k}", _pct(s.val_accuracy),
+                     f"{_pct(s.test_accuracy)} [{100 * lo:.2f}, {100 * hi:.2f}]",
+                     f"{_pct(cal.before.ece)} → {_pct(cal.after.ece)}",
                      f"{np.mean(costs[name]['seconds']):,.0f} s, "
                      f"{np.mean(costs[name]['images_per_second']):,.0f} img/s",
-                     pub.get("note", "-")])
+                     pub.note if pub else "-"])
         csv_rows.append({
             "experiment": name, "seeds": len(singles),
             "single_val_acc_mean": np.mean(val), "single_test_acc_mean": np.mean(test),
             "single_test_acc_std": np.std(test, ddof=1) if len(test) > 1 else 0.0,
             "single_test_nll_mean": np.mean(nll), "single_test_ece_mean": np.mean(ece),
             "single_test_ece_scaled_mean": np.mean(ece_t),
-            "ensemble_method": s["method"], "ensemble_k": s["chosen_k"],
-            "ensemble_val_acc": s["val_accuracy"], "ensemble_test_acc": s["test_accuracy"],
+            "ensemble_method": s.method, "ensemble_k": s.chosen_k,
+            "ensemble_val_acc": s.val_accuracy, "ensemble_test_acc": s.test_accuracy,
             "ensemble_test_ci_low": lo, "ensemble_test_ci_high": hi,
-            "ensemble_test_nll": cal["before"]["nll"], "ensemble_test_ece": cal["before"]["ece"],
-            "ensemble_test_ece_scaled": cal["after"]["ece"], "ensemble_temperature": cal["temperature"],
-            "greedy_members": " ".join(str(m) for m in s["greedy"]["members"]),
-            "greedy_test_acc": s["greedy"]["test_accuracy"],
+            "ensemble_test_nll": cal.before.nll, "ensemble_test_ece": cal.before.ece,
+            "ensemble_test_ece_scaled": cal.after.ece, "ensemble_temperature": cal.temperature,
+            "greedy_members": " ".join(str(m) for m in s.greedy.members),
+            "greedy_test_acc": s.greedy.test_accuracy,
             "seconds_per_model": np.mean(costs[name]["seconds"]),
             "train_images_per_second": np.mean(costs[name]["images_per_second"]),
-            "published_test_acc": pub.get("test_accuracy", ""),
+            "published_test_acc": pub.test_accuracy if pub else "",
         })
     header = ["experiment", "seeds", "single: val acc", "single: test acc", "single: test NLL",
               "single: ECE (→ temp. scaled)", "ensemble (chosen on val)", "ensemble: val acc",
@@ -347,11 +323,11 @@ def write_summary(ensemble_jsons: dict, runs: dict, comparisons_json, published:
                   "| A | B | shared seeds | mean single acc A − B | per-seed p-values | "
                   "ensembles of shared seeds: A vs B | p-value |", "|---|---|---|---|---|---|---|"]
         for c in comparisons:
-            per_seed = ", ".join(f"{r['p_value']:.3g}" for r in c["per_seed"])
-            e = c["ensemble"]
-            lines.append(f"| {c['a']} | {c['b']} | {len(c['shared_seeds'])} | "
-                         f"{100 * c['mean_single_difference']:+.2f} points | {per_seed} | "
-                         f"{_pct(e['accuracy_a'])} vs {_pct(e['accuracy_b'])} | {e['p_value']:.3g} |")
+            per_seed = ", ".join(f"{r.p_value:.3g}" for r in c.per_seed)
+            e = c.ensemble
+            lines.append(f"| {c.a} | {c.b} | {len(c.shared_seeds)} | "
+                         f"{100 * c.mean_single_difference:+.2f} points | {per_seed} | "
+                         f"{_pct(e.accuracy_a)} vs {_pct(e.accuracy_b)} | {e.p_value:.3g} |")
     write_text(out_md, "\n".join(lines) + "\n")
     keys = list(csv_rows[0]) if csv_rows else ["experiment"]
     body = io.StringIO()

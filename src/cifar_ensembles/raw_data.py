@@ -1,4 +1,5 @@
-"""Fetch a dataset into a raw folder, checksum first, and read it back as uint8 arrays.
+"""The raw dataset files: fetch them into a folder, checksum first, and read them back as
+uint8 arrays (`splits` turns those into the prepared data.npz).
 
 Downloads go through torchvision's own helpers (`download_and_extract_archive` with the
 MD5 torchvision publishes). Offline machines name a local archive or folder instead

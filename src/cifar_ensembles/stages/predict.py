@@ -1,0 +1,56 @@
+"""The predict stage: class probabilities of one trained model on one split, with accuracy and NLL."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from .. import splits
+from ..atomic import save_npy, write_json
+from ..device import resolve_device
+from ..errors import UserError
+from ..formats import DamagedFile, ModelRecord
+from ..inference import predict_logits, softmax_np
+from ..metrics import accuracy, nll
+from ..models import build_model
+from ..spec import PredictSpec
+
+# Predictions are computed in float32 whatever precision training used: the probabilities
+# are then the network's, not bf16's rounding of them, and cost one pass per split.
+PREDICT_PRECISION = "fp32"
+
+
+def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelRecord]:
+    """Rebuild the network saved by training; a damaged file is named in one line."""
+    record = ModelRecord.load(path)
+    model = build_model(record.model, record.num_classes, record.in_channels)
+    try:
+        model.load_state_dict(record.state_dict)
+    except RuntimeError as err:
+        raise DamagedFile(path, f"weights do not fit the saved architecture "
+                                f"({str(err).splitlines()[0]})") from None
+    return model, record
+
+
+def predict_to_files(model_path, data_path, split: str, probs_path, metrics_path, spec: PredictSpec,
+                     threads: int) -> dict:
+    torch.set_num_threads(max(int(threads), 1))
+    device = resolve_device(spec.device)
+    model, record = load_model(model_path)
+    data = splits.load(data_path, (f"x_{split}", f"y_{split}", "classes"))
+    images, labels = data[f"x_{split}"], data[f"y_{split}"]
+    if images.shape[-1] != record.in_channels or len(data["classes"]) != record.num_classes:
+        raise UserError(f"{model_path}: model was trained on other data than {data_path}")
+    logits = predict_logits(model.to(device), images, np.asarray(record.mean, np.float32),
+                            np.asarray(record.std, np.float32), device, spec.batch_size, PREDICT_PRECISION)
+    probs = softmax_np(logits)
+    if not np.all(np.isfinite(probs)):
+        raise UserError(f"{model_path}: the model predicts non-finite probabilities (its weights are not "
+                        "finite); retrain it")
+    metrics = {"split": split, "images": int(len(labels)), "accuracy": accuracy(probs, labels),
+               "nll": nll(probs, labels)}
+    save_npy(probs_path, probs.astype(np.float32))
+    write_json(metrics_path, metrics)
+    return metrics

@@ -1,0 +1,74 @@
+"""The train stage: one model for one (experiment, seed) -> model.pt, history.csv, run.yaml."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .. import __version__
+from ..atomic import write_text
+from ..formats import write_history
+from ..spec import RuntimeSpec, TrainingSpec
+from ..training import Trainer
+from ..typed import to_data
+
+
+def versions() -> dict:
+    import torchvision
+
+    out = {"python": platform.python_version(), "cifar_ensembles": __version__,
+           "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+           "numpy": np.__version__}
+    try:
+        import albumentations
+
+        out["albumentations"] = albumentations.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def train_to_files(spec: TrainingSpec, runtime: RuntimeSpec, data: dict, seed: int,
+                   out_dir: str | os.PathLike, checkpoint: str | os.PathLike | None, threads: int,
+                   weights_file: str | None = None, log=None) -> Path:
+    """Train, then write model.pt, history.csv and run.yaml into `out_dir` (atomically)."""
+    out_dir = Path(out_dir)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    trainer = Trainer(spec, runtime, data, seed, threads, weights_file, log)
+    trainer.log(f"training seed {seed} on {trainer.device} ({threads} threads): "
+                f"{len(data['y_train'])} images, {trainer.steps_per_epoch} steps/epoch, "
+                f"{spec.epochs} epochs; " + ", ".join(f"{k} {v}" for k, v in trainer.effective().items()
+                                                      if k != "device"))
+    history = trainer.fit(checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trainer.model_record().save(out_dir / "model.pt")
+    write_history(out_dir / "history.csv", history)
+    train_seconds = sum(t["seconds"] for t in trainer.timing)
+    wait_seconds = sum(t["data_wait_seconds"] for t in trainer.timing)
+    wait_fraction = round(wait_seconds / train_seconds, 4) if train_seconds else None
+    info = {"seed": seed, "device": str(trainer.device), "threads": threads,
+            "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "train_images": int(len(data["y_train"])), "steps_per_epoch": trainer.steps_per_epoch,
+            "final_weights": "ema" if trainer.ema is not None else "raw",
+            "effective": trainer.effective(),
+            # the epochs this process finished (a resumed run counts only its own)
+            "timing": {"train_seconds": round(train_seconds, 3),
+                       "data_wait_seconds": round(wait_seconds, 3),
+                       "data_wait_fraction": wait_fraction},
+            "versions": versions(), "training": to_data(spec), "runtime": to_data(runtime)}
+    if trainer.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(trainer.device)
+    write_text(out_dir / "run.yaml", yaml.safe_dump(info, sort_keys=False))
+    if checkpoint is not None and Path(checkpoint).exists():
+        Path(checkpoint).unlink()
+    last = history[-1]
+    if last.val_loss is not None and not math.isfinite(last.val_loss):
+        trainer.log("warning: final validation loss is not finite")
+    return out_dir

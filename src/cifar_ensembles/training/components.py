@@ -1,0 +1,82 @@
+"""What a run trains with, built from its specs: network, optimizer, schedule, loss and EMA."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..ema import make_ema
+from ..errors import UserError
+from ..losses import build_loss
+from ..models import build_model, load_pretrained
+from ..optim import SAM, build_optimizer
+from ..schedules import build_scheduler
+from ..spec import RuntimeSpec, TrainingSpec
+
+
+def resolve_compile(value, device: torch.device) -> str | None:
+    """`runtime.compile` -> the torch.compile mode to use (None: eager).
+
+    `true` is inductor's default mode; `reduce-overhead` adds CUDA graphs (worth it for small
+    batches, where kernel launches dominate) and on a CPU falls back to the default mode.
+    On a CPU inductor compiles C++, so a missing compiler is reported here, in one line.
+    """
+    if value is False or value is None:
+        return None
+    if value is True:
+        mode = "default"
+    elif value == "reduce-overhead":
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+    else:
+        raise UserError(f"runtime.compile: unknown value {value!r}; choose false, true or reduce-overhead")
+    if device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++")
+                                     or shutil.which("c++") or shutil.which("clang++")):
+        raise UserError("runtime.compile: torch.compile on the CPU needs a C++ compiler (g++, c++ or "
+                        "clang++) and none is on PATH; install one or set compile: false")
+    return mode
+
+
+@dataclass
+class Components:
+    model: nn.Module  # the network; its state_dict has the plain keys
+    step_model: nn.Module  # what runs training steps: the model or its compiled wrapper
+    compile_mode: str | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: nn.Module
+    ema: nn.Module | None
+
+    @property
+    def sam(self) -> bool:
+        return isinstance(self.optimizer, SAM)
+
+
+def build_network(spec: TrainingSpec, num_classes: int, in_channels: int, seed: int,
+                  weights_file: str | None) -> nn.Module:
+    """The network with its initial weights: drawn from `seed`, or ImageNet's from a file."""
+    torch.manual_seed(seed)
+    model = build_model(spec.model, num_classes, in_channels)
+    if spec.model.pretrained:
+        if not weights_file:
+            raise UserError("model.pretrained: pretrained weights need a weights file (the "
+                            "download_weights rule or pretrained_weights.file); training never downloads")
+        load_pretrained(model, weights_file)
+    return model
+
+
+def build_components(spec: TrainingSpec, runtime: RuntimeSpec, model: nn.Module, device: torch.device,
+                     steps_per_epoch: int) -> Components:
+    """Place `model` on `device` (channels_last, compiled, as `runtime` asks) and build the rest."""
+    model.to(device)
+    if runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    compile_mode = resolve_compile(runtime.compile, device)
+    step_model = model if compile_mode is None else torch.compile(model, mode=compile_mode)
+    optimizer = build_optimizer(model, spec.optimizer)
+    scheduler = build_scheduler(optimizer, spec.scheduler, spec.epochs, steps_per_epoch)
+    ema = make_ema(model, spec.ema.decay, spec.ema.warmup_steps) if spec.ema.enabled else None
+    return Components(model, step_model, compile_mode, optimizer, scheduler, build_loss(spec.loss), ema)
