@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cifar_ensembles.atomic import atomic_path, save_npy, write_text
-from cifar_ensembles.datasets import fetch
+from cifar_ensembles.raw_data import fetch
 
 
 @pytest.fixture

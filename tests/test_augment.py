@@ -1,12 +1,14 @@
-"""Training transforms (albumentations, torchvision, none), the seeded sampler and dataset."""
+"""Per-image training transforms (albumentations, torchvision, none), the seeded sampler and dataset."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from conftest import training_spec
 
 import cifar_ensembles  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE; albumentations loads lazily)
 from cifar_ensembles.augment import (
@@ -35,8 +37,14 @@ def normalized_constant(v, channels):
     return (v / 255.0 - np.asarray(MEAN[channels])) / np.asarray(STD[channels])
 
 
-def build(spec, channels):
-    return build_train_transform(spec, SHAPES[channels], MEAN[channels], STD[channels])
+def augment_spec(overrides: dict):
+    """config.yaml's augment section with `overrides` (nested: cutout merges key by key)."""
+    return training_spec(augment=overrides).augment
+
+
+def build(overrides: dict, channels):
+    """The per-image transform of config.yaml's augment section with `overrides`."""
+    return build_train_transform(augment_spec(overrides), SHAPES[channels], MEAN[channels], STD[channels])
 
 
 @pytest.mark.parametrize("channels", [3, 1])
@@ -143,30 +151,37 @@ def test_albumentations_cutout_zeroes_one_square(channels):
     {"name": "albumentations", "cutout": {"holes": 2, "size": 4, "p": 0.5, "fill": 0}},
 ])
 def test_albumentations_emits_no_warnings(spec, channels):
+    spec = augment_spec(spec)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        t = build(spec, channels)
+        t = build_train_transform(spec, SHAPES[channels], MEAN[channels], STD[channels])
         t(image(channels), 3)
 
 
 def test_unknown_augmentation_raises_user_error():
     with pytest.raises(UserError, match="augment.name"):
         build({"name": "randaugment"}, 3)
+    spec = dataclasses.replace(augment_spec({}), name="randaugment")  # made without the config check
+    with pytest.raises(UserError, match="augment.name"):
+        build_train_transform(spec, 32, MEAN[3], STD[3])
 
 
 def test_normalization_choices():
-    mean, std = normalization({}, [0.1, 0.2, 0.3], [0.4, 0.5, 0.6], 3)
+    assert augment_spec({}).normalize == "dataset"  # config.yaml: the training split's own stats
+    mean, std = normalization("dataset", [0.1, 0.2, 0.3], [0.4, 0.5, 0.6], 3)
     np.testing.assert_allclose(mean, [0.1, 0.2, 0.3], rtol=1e-6)
     np.testing.assert_allclose(std, [0.4, 0.5, 0.6], rtol=1e-6)
-    mean, std = normalization({"normalize": "imagenet"}, [0.0] * 3, [1.0] * 3, 3)
+    mean, std = normalization("imagenet", [0.0] * 3, [1.0] * 3, 3)
     np.testing.assert_allclose(mean, IMAGENET_MEAN, rtol=1e-6)
     np.testing.assert_allclose(std, IMAGENET_STD, rtol=1e-6)
-    mean, std = normalization({"normalize": "imagenet"}, [0.0], [1.0], 1)
+    mean, std = normalization("imagenet", [0.0], [1.0], 1)
     assert mean.shape == std.shape == (1,)
     assert mean[0] == pytest.approx(sum(IMAGENET_MEAN) / 3, rel=1e-6)
     assert std[0] == pytest.approx(sum(IMAGENET_STD) / 3, rel=1e-6)
     with pytest.raises(UserError, match="augment.normalize"):
-        normalization({"normalize": "minmax"}, [0.0], [1.0], 1)
+        normalization("minmax", [0.0], [1.0], 1)
+    with pytest.raises(UserError, match="augment.normalize"):
+        augment_spec({"normalize": "minmax"})
 
 
 # ----------------------------------------------------------------------------- sampler, dataset

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from cifar_fixture import CLASSES, make_cifar10_archive
+from conftest import cli
 
-from cifar_ensembles import prepare
-from cifar_ensembles.datasets import fetch
+from cifar_ensembles import splits
+from cifar_ensembles.raw_data import fetch
+from cifar_ensembles.spec import SourceSpec, SplitSpec, SubsetSpec
+from cifar_ensembles.typed import to_json
 
 ARCHIVE = "cifar-10-python.tar.gz"
 ERROR_PREFIX = "cifar-ensembles download: error:"
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    return subprocess.run([sys.executable, "-m", "cifar_ensembles", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+def source_json(source, md5: str | None) -> str:
+    return to_json(SourceSpec(source=str(source), url=None, md5=md5))
+
+
+def split_json(val_size: int, split_seed: int = 0, train: int | None = None, test: int | None = None) -> str:
+    subset = SubsetSpec(train=train, test=test)
+    return to_json(SplitSpec(val_size=val_size, split_seed=split_seed, subset=subset))
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +37,18 @@ def archive(tmp_path_factory) -> tuple[Path, str]:
 def test_download_then_prepare(archive, tmp_path):
     path, md5 = archive
     raw = tmp_path / "resources" / "cifar10"
-    r = run_cli("download", "--dataset", "cifar10", "--out", raw, "--source", path, "--md5", md5,
-                cwd=tmp_path)
+    r = cli("download", "--dataset", "cifar10", "--spec", source_json(path, md5), "--out", raw, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (raw / "cifar-10-batches-py" / "data_batch_1").is_file()
     assert [p.name for p in raw.parent.iterdir()] == ["cifar10"]
 
     data = tmp_path / "results" / "data.npz"
-    r = run_cli("prepare", "--dataset", "cifar10", "--raw", raw, "--out", data, "--val-size", "20",
-                "--split-seed", "0", "--train-subset", "50", "--test-subset", "20", cwd=tmp_path)
+    r = cli("prepare", "--dataset", "cifar10", "--spec", split_json(20, 0, train=50, test=20), "--raw", raw,
+            "--out", data, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert data.is_file()
     assert [p.name for p in data.parent.iterdir()] == ["data.npz"]
-    d = prepare.load(data)
+    d = splits.load(data)
     assert d["x_train"].shape == (50, 32, 32, 3) and d["x_train"].dtype == np.uint8
     assert d["x_val"].shape == (20, 32, 32, 3)
     assert d["x_test"].shape == (20, 32, 32, 3)
@@ -64,8 +66,7 @@ def test_download_corrupt_archive(archive, tmp_path):
     bad.parent.mkdir()
     bad.write_bytes(bytes(blob))
     raw = tmp_path / "resources" / "cifar10"
-    r = run_cli("download", "--dataset", "cifar10", "--out", raw, "--source", bad, "--md5", md5,
-                cwd=tmp_path)
+    r = cli("download", "--dataset", "cifar10", "--spec", source_json(bad, md5), "--out", raw, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.splitlines()
     assert len(lines) == 1, r.stderr
@@ -81,8 +82,8 @@ def test_prepare_bad_val_size(archive, tmp_path):
     path, md5 = archive
     raw = fetch("cifar10", tmp_path / "raw", source=str(path), md5=md5)  # in-process: one subprocess less
     data = tmp_path / "data.npz"
-    r = run_cli("prepare", "--dataset", "cifar10", "--raw", raw, "--out", data, "--val-size", "5000",
-                cwd=tmp_path)
+    r = cli("prepare", "--dataset", "cifar10", "--spec", split_json(5000), "--raw", raw, "--out", data,
+            cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("cifar-ensembles prepare: error: data.val_size"), r.stderr

@@ -1,4 +1,4 @@
-"""datasets.fetch / load_raw: local archives, loopback HTTP, corruption, Fashion-MNIST folders."""
+"""raw_data.fetch / load_raw: local archives, loopback HTTP, corruption, Fashion-MNIST folders."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 from cifar_fixture import CLASSES, make_cifar10_archive
 
-from cifar_ensembles.datasets import FASHION_FILES, fetch, load_raw
 from cifar_ensembles.errors import UserError
+from cifar_ensembles.raw_data import FASHION_FILES, fetch, load_raw
+from cifar_ensembles.spec import SourceSpec
+from cifar_ensembles.stages.download import download_dataset
 
 ARCHIVE = "cifar-10-python.tar.gz"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -314,6 +316,22 @@ def test_fetch_cifar_over_http(tiny_cifar, http_root, out, no_proxy):
     fetch("cifar10", out, url=f"{base}/good/{ARCHIVE}", md5=md5)
     assert (out / "cifar-10-batches-py").is_dir()
     assert dot_entries(out.parent) == []
+    assert_cifar_matches(load_raw("cifar10", out), archive)
+
+
+def test_download_stage_takes_url_and_md5_from_its_spec(tiny_cifar, http_root, out, no_proxy):
+    archive, md5 = tiny_cifar
+    base, root = http_root
+    (root / "stage").mkdir(exist_ok=True)
+    (root / "stage" / ARCHIVE).write_bytes(archive.read_bytes())
+    url = f"{base}/stage/{ARCHIVE}"
+    # the spec's md5 is the one checked: a wrong one fails, the tiny archive's own passes
+    # (torchvision's would not)
+    with pytest.raises(UserError, match="data.url") as err:
+        download_dataset("cifar10", SourceSpec(source=None, url=url, md5="f" * 32), out)
+    assert url in str(err.value)
+    assert_nothing_left(out)
+    assert download_dataset("cifar10", SourceSpec(source=None, url=url, md5=md5), out) == out
     assert_cifar_matches(load_raw("cifar10", out), archive)
 
 

@@ -35,7 +35,7 @@ def set_weights(model, seed):
 def test_starts_as_exact_independent_copy():
     model = make_model()
     set_weights(model, 1)
-    ema = make_ema(model, 0.9)
+    ema = make_ema(model, 0.9, 0)
     w0, e0 = state(model), state(ema.module)
     assert w0.keys() == e0.keys()
     assert all(torch.equal(w0[k], e0[k]) for k in w0)
@@ -48,7 +48,7 @@ def test_starts_as_exact_independent_copy():
 def test_update_averages_floats_and_copies_integers(d):
     model = make_model()
     set_weights(model, 1)
-    ema = make_ema(model, d)
+    ema = make_ema(model, d, 0)
     e = state(ema.module)
     for seed in (2, 3):
         set_weights(model, seed)
@@ -68,7 +68,7 @@ def test_update_averages_floats_and_copies_integers(d):
 
 def test_running_stats_from_training_forward_are_averaged():
     model = make_model().train()
-    ema = make_ema(model, 0.8)
+    ema = make_ema(model, 0.8, 0)
     e0 = state(ema.module)
     model(torch.randn(16, 3) * 2 + 3)  # updates running stats and num_batches_tracked
     w1 = state(model)
@@ -91,7 +91,7 @@ def test_warmup_uses_decay_of_update_count():
     d, warmup = 0.9, 4
     model = make_model()
     set_weights(model, 1)
-    ema = make_ema(model, d, warmup_steps=warmup)
+    ema = make_ema(model, d, warmup)
     e = state(ema.module)["0.weight"]
     for n, seed in enumerate((2, 3, 4), start=1):
         set_weights(model, seed)
@@ -105,4 +105,4 @@ def test_warmup_uses_decay_of_update_count():
 @pytest.mark.parametrize("decay", [1.0, -0.1, 1.5])
 def test_decay_out_of_range_raises(decay):
     with pytest.raises(ValueError):
-        make_ema(make_model(), decay)
+        make_ema(make_model(), decay, 0)

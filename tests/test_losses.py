@@ -1,4 +1,4 @@
-"""Single-label Asymmetric Loss against the STUDY.md formula, computed independently in numpy.
+"""Single-label Asymmetric Loss against docs/study.md's formula, computed independently in numpy.
 
 p = softmax(z), k the target, C classes, q = (1 - eps) onehot(k) + eps / C,
 w_k = (1 - p_k)^gamma_pos, w_j = p_j^gamma_neg (j != k), loss = -sum_c q_c w_c log p_c.
@@ -6,12 +6,14 @@ w_k = (1 - p_k)^gamma_pos, w_j = p_j^gamma_neg (j != k), loss = -sum_c q_c w_c l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import training_spec
 from torch import nn
 
 from cifar_ensembles.errors import UserError
@@ -112,14 +114,29 @@ def test_gradient_is_finite_and_matches_reference(gamma_pos, gamma_neg):
 
 def test_bad_reduction_raises():
     with pytest.raises(ValueError):
-        AsymmetricLossSingleLabel(reduction="avg")
+        AsymmetricLossSingleLabel(0.0, 4.0, 0.1, reduction="avg")
+
+
+def test_gammas_and_eps_have_no_defaults():
+    """Their defaults live in config.yaml only."""
+    with pytest.raises(TypeError):
+        AsymmetricLossSingleLabel()
+    with pytest.raises(TypeError):
+        AsymmetricLossSingleLabel(0.0, 4.0)
+
+
+def loss_spec(**overrides):
+    """config.yaml's loss section with `overrides`."""
+    return training_spec(loss=overrides).loss
 
 
 def test_build_loss():
-    ce = build_loss({"name": "cross_entropy", "label_smoothing": 0.1})
+    ce = build_loss(loss_spec(name="cross_entropy", label_smoothing=0.1))
     assert isinstance(ce, nn.CrossEntropyLoss) and ce.label_smoothing == 0.1
-    asl = build_loss({"name": "asl", "gamma_pos": 1, "gamma_neg": 3, "eps": 0.05})
+    asl = build_loss(loss_spec(name="asl", gamma_pos=1, gamma_neg=3, eps=0.05))
     assert isinstance(asl, AsymmetricLossSingleLabel)
     assert (asl.gamma_pos, asl.gamma_neg, asl.eps, asl.reduction) == (1.0, 3.0, 0.05, "mean")
     with pytest.raises(UserError, match="loss.name"):
-        build_loss({"name": "focal"})
+        loss_spec(name="focal")
+    with pytest.raises(UserError, match="loss.name"):  # a spec made without the config check
+        build_loss(dataclasses.replace(loss_spec(), name="focal"))

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from conftest import same_bits, training_spec
 from torchvision.models import resnet18, resnet34
 
 from cifar_ensembles.errors import UserError
 from cifar_ensembles.models import Resized, ResNet18Cifar, build_model, load_pretrained
 
 
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.numpy().tobytes() == b.numpy().tobytes()
+def model_spec(**overrides):
+    """config.yaml's model section with `overrides`."""
+    return training_spec(model=overrides).model
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +42,7 @@ def imagenet_file(tmp_path_factory):
 @pytest.mark.parametrize("size,channels", [(32, 3), (28, 1)])
 def test_resnet18_cifar_output_shape(size, channels, width):
     torch.manual_seed(0)
-    model = build_model({"name": "resnet18_cifar", "width": width}, 10, channels)
+    model = build_model(model_spec(name="resnet18_cifar", width=width), 10, channels)
     assert isinstance(model, ResNet18Cifar)
     assert model.stem[0].in_channels == channels and model.stem[0].out_channels == width
     assert model.fc.in_features == 8 * width
@@ -47,8 +51,8 @@ def test_resnet18_cifar_output_shape(size, channels, width):
     assert torch.isfinite(out).all()
 
 
-def test_resnet18_cifar_has_eighteen_weighted_layers_and_default_width():
-    model = build_model({"name": "resnet18_cifar"}, 7, 3)
+def test_resnet18_cifar_has_eighteen_weighted_layers_and_config_width():
+    model = build_model(model_spec(name="resnet18_cifar"), 7, 3)  # config.yaml: width 64
     assert model.stem[0].out_channels == 64
     convs = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and "shortcut" not in n]
     assert len(convs) + 1 == 18  # 17 convolutions and the classifier
@@ -57,14 +61,22 @@ def test_resnet18_cifar_has_eighteen_weighted_layers_and_default_width():
 
 def test_unknown_model_name_is_a_user_error():
     with pytest.raises(UserError, match="model.name"):
-        build_model({"name": "vgg16"}, 10, 3)
+        model_spec(name="vgg16")
+    with pytest.raises(UserError, match="model.name"):  # a spec made without the config check
+        build_model(dataclasses.replace(model_spec(), name="vgg16"), 10, 3)
+
+
+def test_resnet18_cifar_has_no_defaults():
+    """Its width lives in config.yaml only."""
+    with pytest.raises(TypeError):
+        ResNet18Cifar(10, 3)
 
 
 # ---------------------------------------------------------------- torchvision resnet18
 @pytest.mark.parametrize("channels", [3, 1])
 def test_resnet18_with_input_size_is_resized(channels):
     torch.manual_seed(0)
-    model = build_model({"name": "resnet18", "input_size": 64}, 10, channels)
+    model = build_model(model_spec(name="resnet18", input_size=64), 10, channels)
     assert isinstance(model, Resized) and model.size == 64
     assert model.net.conv1.in_channels == channels
     seen = []
@@ -75,7 +87,7 @@ def test_resnet18_with_input_size_is_resized(channels):
 
 
 def test_resnet18_without_input_size_is_not_wrapped():
-    model = build_model({"name": "resnet18"}, 5, 3)
+    model = build_model(model_spec(name="resnet18", input_size=None), 5, 3)
     assert not isinstance(model, Resized)
     assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 5)
 
@@ -83,7 +95,7 @@ def test_resnet18_without_input_size_is_not_wrapped():
 def test_load_pretrained_keeps_a_fresh_head(imagenet_file):
     path, state = imagenet_file
     torch.manual_seed(1)
-    model = build_model({"name": "resnet18", "input_size": 64}, 10, 3)
+    model = build_model(model_spec(name="resnet18", input_size=64), 10, 3)
     head = {k: v.clone() for k, v in model.net.fc.state_dict().items()}
     load_pretrained(model, path)
     own = model.net.state_dict()
@@ -95,7 +107,7 @@ def test_load_pretrained_keeps_a_fresh_head(imagenet_file):
 
 def test_load_pretrained_grayscale_sums_conv1_over_channels(imagenet_file):
     path, state = imagenet_file
-    model = build_model({"name": "resnet18"}, 10, 1)
+    model = build_model(model_spec(name="resnet18", input_size=None), 10, 1)
     load_pretrained(model, path)
     own = model.state_dict()
     assert own["conv1.weight"].shape == (64, 1, 7, 7)
@@ -107,7 +119,7 @@ def test_load_pretrained_grayscale_sums_conv1_over_channels(imagenet_file):
 def test_load_pretrained_rejects_resnet34_weights(tmp_path):
     path = tmp_path / "resnet34.pth"
     torch.save(resnet34().state_dict(), path)
-    model = build_model({"name": "resnet18"}, 10, 3)
+    model = build_model(model_spec(name="resnet18", input_size=None), 10, 3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(UserError, match="pretrained_weights.file") as info:
         load_pretrained(model, path)
@@ -119,7 +131,7 @@ def test_load_pretrained_rejects_cifar_resnet_weights(tmp_path):
     path = tmp_path / "cifar.pth"
     torch.save(ResNet18Cifar(10, 3, 8).state_dict(), path)
     with pytest.raises(UserError, match="pretrained_weights.file"):
-        load_pretrained(build_model({"name": "resnet18", "input_size": 64}, 10, 3), path)
+        load_pretrained(build_model(model_spec(name="resnet18", input_size=64), 10, 3), path)
 
 
 @pytest.mark.parametrize("content", [b"not a torch file", None], ids=["garbage", "missing"])
@@ -128,11 +140,11 @@ def test_load_pretrained_unreadable_file(tmp_path, content):
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(UserError, match="pretrained_weights.file"):
-        load_pretrained(build_model({"name": "resnet18"}, 10, 3), path)
+        load_pretrained(build_model(model_spec(name="resnet18", input_size=None), 10, 3), path)
 
 
 def test_load_pretrained_rejects_a_non_dict(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save([torch.zeros(3)], path)
     with pytest.raises(UserError, match="pretrained_weights.file"):
-        load_pretrained(build_model({"name": "resnet18"}, 10, 3), path)
+        load_pretrained(build_model(model_spec(name="resnet18", input_size=None), 10, 3), path)

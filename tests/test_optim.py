@@ -1,4 +1,4 @@
-"""SAM / ASAM, frozen BatchNorm statistics and build_optimizer, checked against STUDY.md formulas.
+"""SAM / ASAM, frozen BatchNorm statistics and build_optimizer, checked against docs/study.md's formulas.
 
 Expectations are computed here from the formulas on small float64 models:
 SAM:  eps = rho * g / (||g|| + 1e-12)
@@ -9,15 +9,28 @@ with ||.|| one global L2 norm over every parameter that has a gradient.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
+from conftest import training_spec
 from torch import nn
 
 from cifar_ensembles.errors import UserError
 from cifar_ensembles.optim import SAM, build_optimizer, frozen_bn_stats
 
 RHO = 0.05
+ASAM_ARGS = dict(eta=0.01, adaptive_params="weights")  # the official ASAM code's T = |w| + 0.01 on weights
+
+
+def asam_args(adaptive: bool) -> dict:
+    """ASAM's required eta and adaptive_params when `adaptive`, nothing for plain SAM."""
+    return ASAM_ARGS if adaptive else {}
+
+
+def optimizer_spec(**overrides):
+    """config.yaml's optimizer section with `overrides`."""
+    return training_spec(optimizer=overrides).optimizer
 
 
 class Tiny(nn.Module):
@@ -168,16 +181,36 @@ def test_asam_weights_and_all_differ_on_biases_only_through_T():
 def test_asam_weights_mode_needs_names():
     model = make_model()
     with pytest.raises(ValueError, match="named_parameters"):
-        SAM(model.parameters(), torch.optim.SGD, rho=0.5, adaptive=True, adaptive_params="weights", lr=0.1)
+        SAM(model.parameters(), torch.optim.SGD, rho=0.5, adaptive=True, eta=0.01, adaptive_params="weights",
+            lr=0.1)
     # plain SAM and ASAM over all parameters do not need names
     SAM(make_model().parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
-    SAM(make_model().parameters(), torch.optim.SGD, rho=0.5, adaptive=True, adaptive_params="all", lr=0.1)
+    SAM(make_model().parameters(), torch.optim.SGD, rho=0.5, adaptive=True, eta=0.01, adaptive_params="all",
+        lr=0.1)
 
 
-@pytest.mark.parametrize("kwargs", [dict(rho=-0.1), dict(eta=-1.0), dict(adaptive_params="bias")])
+@pytest.mark.parametrize("kwargs", [dict(rho=-0.1), dict(eta=-1.0), dict(adaptive_params="bias"),
+                                    dict(adaptive=True, eta=-1.0, adaptive_params="weights"),
+                                    dict(adaptive=True, adaptive_params="bias", eta=0.01)])
 def test_sam_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
-        SAM(make_model().named_parameters(), torch.optim.SGD, lr=0.1, **kwargs)
+        SAM(make_model().named_parameters(), torch.optim.SGD, lr=0.1, **{"rho": RHO, **kwargs})
+
+
+@pytest.mark.parametrize("missing", ["eta", "adaptive_params"])
+def test_asam_needs_eta_and_adaptive_params(missing):
+    """No default stands for a config value: ASAM without eta or adaptive_params is refused."""
+    kwargs = {k: v for k, v in ASAM_ARGS.items() if k != missing}
+    with pytest.raises(ValueError, match="eta and adaptive_params"):
+        SAM(make_model().named_parameters(), torch.optim.SGD, rho=0.5, adaptive=True, lr=0.1, **kwargs)
+
+
+def test_rho_is_keyword_only_and_required():
+    params = list(make_model().parameters())
+    with pytest.raises(TypeError):
+        SAM(params, torch.optim.SGD, 0.05, lr=0.1)
+    with pytest.raises(TypeError):
+        SAM(params, torch.optim.SGD, lr=0.1)
 
 
 # ----------------------------------------------------------------------------- second step
@@ -189,7 +222,7 @@ def test_second_step_restores_w_and_steps_with_perturbed_gradient(adaptive):
     model = make_model()
     ref = copy.deepcopy(model)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
-    opt = SAM(model.named_parameters(), torch.optim.SGD, rho=0.5, adaptive=adaptive,
+    opt = SAM(model.named_parameters(), torch.optim.SGD, rho=0.5, adaptive=adaptive, **asam_args(adaptive),
               lr=lr, momentum=momentum, weight_decay=wd)
 
     seen_at_base_step = []
@@ -253,7 +286,8 @@ def test_step_with_closure_equals_first_and_second_step():
     results = []
     for use_closure in (True, False):
         model = make_model()
-        opt = SAM(model.named_parameters(), torch.optim.SGD, rho=0.5, adaptive=True, lr=0.1, momentum=0.9)
+        opt = SAM(model.named_parameters(), torch.optim.SGD, rho=0.5, adaptive=True, **ASAM_ARGS, lr=0.1,
+                  momentum=0.9)
         for _ in range(2):
             backward(model, x, y)
             if use_closure:
@@ -282,7 +316,7 @@ def test_step_without_closure_raises():
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_rho_zero_is_exactly_the_base_step(base, kwargs, adaptive):
     sam_model, plain_model = make_model(), make_model()
-    sam = SAM(sam_model.named_parameters(), base, rho=0.0, adaptive=adaptive, **kwargs)
+    sam = SAM(sam_model.named_parameters(), base, rho=0.0, adaptive=adaptive, **asam_args(adaptive), **kwargs)
     plain = base(plain_model.parameters(), **kwargs)
     for it in range(3):
         x, y = data(seed=20 + it)
@@ -297,7 +331,8 @@ def test_rho_zero_is_exactly_the_base_step(base, kwargs, adaptive):
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_zero_gradient_gives_no_nan(adaptive):
     model = make_model()
-    opt = SAM(model.named_parameters(), torch.optim.SGD, rho=0.5, adaptive=adaptive, lr=0.1, momentum=0.9)
+    opt = SAM(model.named_parameters(), torch.optim.SGD, rho=0.5, adaptive=adaptive, **asam_args(adaptive),
+              lr=0.1, momentum=0.9)
     w0 = snapshot(model)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -315,10 +350,10 @@ def test_zero_gradient_gives_no_nan(adaptive):
 def test_state_dict_round_trip_resumes_exactly(name):
     """A checkpoint taken between two steps must let a fresh optimizer continue identically.
 
-    For SAM/ASAM that needs the base optimizer's state (momentum buffers); train.py saves
-    `optimizer.state_dict()`.
+    For SAM/ASAM that needs the base optimizer's state (momentum buffers); the trainer's
+    checkpoint saves `optimizer.state_dict()`.
     """
-    spec = {"name": name, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "rho": 0.05}
+    spec = optimizer_spec(name=name, lr=0.1, momentum=0.9, weight_decay=5e-4, rho=0.05)
     x1, y1 = data(seed=31)
     x2, y2 = data(seed=32)
 
@@ -409,34 +444,44 @@ def test_frozen_bn_stats_eval_mode_still_uses_running_stats():
 
 def test_build_optimizer_types_and_settings():
     model = make_model()
-    sgd = build_optimizer(model, {"name": "sgd", "lr": 0.1, "momentum": 0.8, "weight_decay": 1e-4,
-                                  "nesterov": True})
+    sgd = build_optimizer(model, optimizer_spec(name="sgd", lr=0.1, momentum=0.8, weight_decay=1e-4,
+                                                nesterov=True))
     assert type(sgd) is torch.optim.SGD
     g = sgd.param_groups[0]
     assert (g["lr"], g["momentum"], g["weight_decay"], g["nesterov"]) == (0.1, 0.8, 1e-4, True)
 
-    adam = build_optimizer(model, {"name": "adam", "lr": 1e-4, "betas": [0.8, 0.99]})
+    adam = build_optimizer(model, optimizer_spec(name="adam", lr=1e-4, betas=[0.8, 0.99]))
     assert type(adam) is torch.optim.Adam
     assert adam.param_groups[0]["betas"] == (0.8, 0.99)
     assert adam.param_groups[0]["lr"] == 1e-4
 
-    sam = build_optimizer(model, {"name": "sam", "lr": 0.1, "rho": 0.1})
+    sam = build_optimizer(model, optimizer_spec(name="sam", lr=0.1, rho=0.1))
     assert isinstance(sam, SAM) and type(sam.base_optimizer) is torch.optim.SGD
     assert sam.param_groups[0]["adaptive"] is False and sam.param_groups[0]["rho"] == 0.1
 
-    asam = build_optimizer(model, {"name": "asam", "lr": 1e-4, "base": "adam", "rho": 0.5, "eta": 0.02})
+    asam = build_optimizer(model, optimizer_spec(name="asam", lr=1e-4, base="adam", rho=0.5, eta=0.02,
+                                                 adaptive_params="all"))
     assert isinstance(asam, SAM) and type(asam.base_optimizer) is torch.optim.Adam
     g = asam.param_groups[0]
     assert g["adaptive"] is True and g["rho"] == 0.5 and g["eta"] == 0.02
-    assert g["adaptive_params"] == "weights"
+    assert g["adaptive_params"] == "all"
+    # config.yaml's ASAM scales the weights only (the official code)
+    assert build_optimizer(model, optimizer_spec(name="asam")).param_groups[0]["adaptive_params"] == "weights"
     # every parameter is handed over
     n_params = len(list(model.parameters()))
     for opt in (sgd, adam, sam, asam):
         assert sum(len(gr["params"]) for gr in opt.param_groups) == n_params
 
 
-def test_build_optimizer_unknown_names():
-    with pytest.raises(UserError, match="optimizer.name"):
-        build_optimizer(make_model(), {"name": "lion", "lr": 0.1})
-    with pytest.raises(UserError, match="optimizer.base"):
-        build_optimizer(make_model(), {"name": "sam", "base": "rmsprop", "lr": 0.1})
+@pytest.mark.parametrize("overrides, field", [
+    (dict(name="lion"), "optimizer.name"),
+    (dict(name="sam", base="rmsprop"), "optimizer.base"),
+])
+def test_build_optimizer_unknown_names(overrides, field):
+    # the config check names the field ...
+    with pytest.raises(UserError, match=field):
+        optimizer_spec(**overrides)
+    # ... and so does build_optimizer for a spec made without it
+    spec = dataclasses.replace(optimizer_spec(name="sam"), **overrides)
+    with pytest.raises(UserError, match=field):
+        build_optimizer(make_model(), spec)

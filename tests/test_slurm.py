@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_workflow import env, tiny_config
+from conftest import ROOT
+from test_workflow import TINY, env, write_source
 
-ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "profiles" / "slurm" / "profile.yaml"
 LOCAL_PROFILE = ROOT / "profiles" / "default" / "profile.yaml"
 EXPERIMENT = "exp_sgd"   # one experiment x 2 seeds: each SLURM job costs tens of seconds
@@ -43,8 +43,8 @@ def snakemake(workdir: Path, *args: str) -> subprocess.Popen:
     """Start Snakemake on the workflow in `workdir`; `timeout -k` because a Snakemake that
     waits on SLURM jobs does not stop on a plain SIGTERM."""
     cmd = ["timeout", "-k", "10", str(TIMEOUT_S), sys.executable, "-m", "snakemake",
-           "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--configfile", str(workdir / "tiny.yaml"),
-           *args]
+           "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--configfile", str(TINY),
+           str(workdir / "source.yaml"), str(workdir / "one-experiment.yaml"), *args]
     return subprocess.Popen(cmd, cwd=workdir, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -116,6 +116,13 @@ def make_test_profile(partition: str, directory: Path) -> Path:
     return directory
 
 
+def write_one_experiment(workdir: Path, cifar_archive) -> None:
+    """source.yaml (the archive) and one-experiment.yaml (EXPERIMENT with SEEDS) in `workdir`."""
+    write_source(workdir, *cifar_archive)
+    (workdir / "one-experiment.yaml").write_text(yaml.safe_dump(
+        {"run_experiments": [EXPERIMENT], "experiments": {EXPERIMENT: {"seeds": SEEDS}}}))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cifar_archive):
     """The same config run locally and through SLURM, at the same time; without a cluster,
@@ -123,13 +130,9 @@ def runs(tmp_path_factory, cifar_archive):
     problem = cluster_problem()
     if problem:
         return f"{problem} {START_HINT}"
-    archive, md5 = cifar_archive
-    config = tiny_config(archive, md5)
-    config["run_experiments"] = [EXPERIMENT]
-    config["experiments"][EXPERIMENT]["seeds"] = SEEDS
     local, slurm = tmp_path_factory.mktemp("local"), tmp_path_factory.mktemp("slurm")
     for workdir in (local, slurm):
-        (workdir / "tiny.yaml").write_text(yaml.safe_dump(config))
+        write_one_experiment(workdir, cifar_archive)
     profile = make_test_profile(default_partition(), tmp_path_factory.mktemp("profile") / "slurm-test")
     start = time.monotonic()
     slurm_proc = snakemake(slurm, "--workflow-profile", str(profile))
@@ -187,11 +190,11 @@ def test_slurm_profile_resources(tmp_path, cifar_archive):
     assert "cpus_per_task" not in profile["default-resources"], "it would override every rule's threads"
     for rule in ("train", "predict"):
         assert profile["set-resources"][rule]["cpus_per_gpu"] == profile["set-threads"][rule]
-    archive, md5 = cifar_archive
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_config(archive, md5)))
+    write_one_experiment(tmp_path, cifar_archive)
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
-         "--configfile", str(tmp_path / "tiny.yaml"), "--workflow-profile", str(PROFILE.parent), "-n"],
+         "--configfile", str(TINY), str(tmp_path / "source.yaml"), str(tmp_path / "one-experiment.yaml"),
+         "--workflow-profile", str(PROFILE.parent), "-n"],
         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     jobs = re.split(r"\n(?=(?:local)?rule \w+:)", proc.stdout)

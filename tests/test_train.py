@@ -1,165 +1,170 @@
-"""The trainer: determinism, bit-exact resume (in-process and across a killed/signalled CLI run),
-checkpoint hygiene, output files, divergence, SAM's BatchNorm handling and device errors."""
+"""The trainer: determinism, bit-exact resume (in-process and across killed or signalled CLI
+runs), checkpoint hygiene and cadence, damaged checkpoints, output files, divergence, SAM's
+BatchNorm handling and device errors."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
-import json
-import os
+import dataclasses
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import (
+    ENV,
+    Log,
+    assert_states_equal,
+    cli,
+    load_state,
+    make_data,
+    quiet,
+    result_cells,
+    states_differ,
+    tiny_runtime,
+    tiny_spec,
+)
 
-from cifar_ensembles import prepare, train
+from cifar_ensembles import splits
 from cifar_ensembles.errors import UserError
-from cifar_ensembles.train import Trainer, train_to_files
+from cifar_ensembles.formats import (
+    CHECKPOINT_FORMAT,
+    MODEL_FORMAT,
+    RESULT_FIELDS,
+    Checkpoint,
+    DamagedFile,
+    Divergence,
+    ModelRecord,
+    read_history,
+)
+from cifar_ensembles.stages import train as train_stage
+from cifar_ensembles.stages.train import train_to_files
+from cifar_ensembles.training import Diverged, Preempted, Trainer
+from cifar_ensembles.typed import to_data, to_json
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
                    "ema_val_loss", "ema_val_acc", "seconds", "images_per_second"]
 TIMING = ("seconds", "images_per_second")
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+VAL_COLUMNS = ("val_loss", "val_acc", "ema_val_loss", "ema_val_acc")
+RESUME_AFRESH = "delete it to train this model afresh"
 
 
 # ----------------------------------------------------------------------------- helpers
-def make_data(n_train: int = 96, size: int = 16, channels: int = 3, n_val: int = 32, n_test: int = 32,
-              seed: int = 0) -> dict:
-    """Random uint8 images in the layout of prepare.split()."""
-    rng = np.random.default_rng(seed)
-    n = n_train + n_val
-    x = rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8)
-    y = rng.integers(0, 10, n).astype(np.int64)
-    train_index, val_index = np.arange(n_train), np.arange(n_train, n)
-    mean, std = prepare.channel_stats(x[train_index])
-    return dict(x_train=x[train_index], y_train=y[train_index], x_val=x[val_index], y_val=y[val_index],
-                x_test=rng.integers(0, 256, (n_test, size, size, channels), dtype=np.uint8),
-                y_test=rng.integers(0, 10, n_test).astype(np.int64),
-                classes=np.array([f"class{i}" for i in range(10)]), mean=mean, std=std,
-                train_index=train_index, val_index=val_index, test_index=np.arange(n_test))
+def train(spec, data, seed, out_dir, checkpoint, runtime=None, log=quiet) -> Path:
+    """train_to_files on one thread, with the tiny runtime unless told otherwise."""
+    return train_to_files(spec, runtime or tiny_runtime(), data, seed, out_dir, checkpoint, 1, log=log)
 
 
-def make_spec(**overrides) -> dict:
-    spec = {"epochs": 2, "batch_size": 16, "model": {"name": "resnet18_cifar", "width": 4},
-            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-            "scheduler": {"name": "cosine", "interval": "step"}, "loss": {"name": "asl"},
-            "augment": {"name": "torchvision"}, "ema": {"enabled": False},
-            "loader": {"num_workers": 0}, "device": "cpu"}
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(spec.get(key), dict):
-            spec[key] = {**spec[key], **value}
-        else:
-            spec[key] = value
-    return spec
+def trainer(spec, data, seed, runtime=None, cls=Trainer, log=quiet, **kwargs) -> Trainer:
+    return cls(spec, runtime or tiny_runtime(), data, seed, 1, log=log, **kwargs)
 
 
-def quiet(_msg):
-    pass
-
-
-class Log:
-    def __init__(self):
-        self.lines = []
-
-    def __call__(self, msg):
-        self.lines.append(msg)
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-
-def load_state(path) -> dict:
-    record = torch.load(path, map_location="cpu", weights_only=True)
-    return record["state_dict"]
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    a, b = a.detach().cpu(), b.detach().cpu()
-    return a.dtype == b.dtype and a.shape == b.shape and a.numpy().tobytes() == b.numpy().tobytes()
-
-
-def assert_states_equal(a: dict, b: dict) -> None:
-    assert list(a) == list(b)
-    different = [k for k in a if not same_bits(a[k], b[k])]
-    assert not different, f"tensors differ: {different[:5]}"
-
-
-def states_differ(a: dict, b: dict) -> bool:
-    return any(not same_bits(a[k], b[k]) for k in a if a[k].is_floating_point())
-
-
-def read_history(path) -> list[dict]:
+def csv_cells(path) -> list[dict]:
+    """history.csv as the text of its cells."""
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def without_timing(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
 
 
 def header(path) -> list[str]:
     return Path(path).read_text().splitlines()[0].split(",")
 
 
+class Scripted(Trainer):
+    """Records where it writes checkpoints and, after `signal_at` optimizer steps in this
+    process, sends itself `signum` (as SLURM would, mid-epoch)."""
+
+    def __init__(self, *args, signal_at: int | None = None, signum: int = signal.SIGTERM, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.signal_at, self.signum, self.steps, self.saves = signal_at, signum, 0, []
+
+    def train_step(self, x, y):
+        out = super().train_step(x, y)
+        self.steps += 1
+        if self.steps == self.signal_at:
+            signal.raise_signal(self.signum)
+        return out
+
+    def save_checkpoint(self, path, divergence=None):
+        super().save_checkpoint(path, divergence)
+        self.saves.append((self.position.epoch, self.position.batch))
+
+
+class StopAfterEpoch(Trainer):
+    """Simulates a kill right after the checkpoint of epoch `stop_epoch` is written."""
+
+    stop_epoch = 2
+
+    def save_checkpoint(self, path, divergence=None):
+        super().save_checkpoint(path, divergence)
+        if self.position.epoch == self.stop_epoch and self.position.batch == 0:
+            raise KeyboardInterrupt("simulated kill")
+
+
 # ------------------------------------------------------------------------- determinism
 DETERMINISM_CASES = {
-    "sgd-torchvision": make_spec(),
-    "asam-albumentations-ema": make_spec(optimizer={"name": "asam", "rho": 0.5},
-                                         augment={"name": "albumentations"},
-                                         ema={"enabled": True, "decay": 0.9}),
-    "adam-none": make_spec(optimizer={"name": "adam", "lr": 1e-3, "weight_decay": 0.0},
-                           augment={"name": "none"}, scheduler={"name": "cosine", "interval": "epoch"}),
+    "sgd-torchvision": {},
+    "asam-albumentations-ema": dict(optimizer={"name": "asam", "rho": 0.5},
+                                    augment={"name": "albumentations"}, ema={"enabled": True, "decay": 0.9}),
+    "adam-none": dict(optimizer={"name": "adam", "lr": 1e-3, "weight_decay": 0.0}, augment={"name": "none"},
+                      scheduler={"name": "cosine", "interval": "epoch"}),
 }
 
 
 @pytest.mark.parametrize("case", list(DETERMINISM_CASES))
 def test_same_seed_gives_identical_weights_and_history(case, tmp_path):
-    spec, data = DETERMINISM_CASES[case], make_data()
+    spec, data = tiny_spec(**DETERMINISM_CASES[case]), make_data()
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        train_to_files(spec, data, seed, tmp_path / name, None, log=quiet)
+        train(spec, data, seed, tmp_path / name, None)
     a, b, c = (load_state(tmp_path / n / "model.pt") for n in "abc")
     assert_states_equal(a, b)
     assert states_differ(a, c), "another seed must give other weights"
     ha, hb = read_history(tmp_path / "a" / "history.csv"), read_history(tmp_path / "b" / "history.csv")
-    assert len(ha) == spec["epochs"]
-    assert without_timing(ha) == without_timing(hb)
-    assert all(float(row[col]) > 0 for row in ha for col in TIMING)
+    assert len(ha) == spec.epochs
+    assert result_cells(ha) == result_cells(hb)
+    assert all(getattr(row, col) > 0 for row in ha for col in TIMING)
 
 
 # ------------------------------------------------------------------------ output files
 def test_outputs_without_ema_and_checkpoint_is_deleted(tmp_path):
-    spec = make_spec()
+    spec, runtime = tiny_spec(), tiny_runtime()
     ckpt = tmp_path / "ckpt" / "train.ckpt"
-    out = train_to_files(spec, make_data(), 5, tmp_path / "out", ckpt, threads=1, log=quiet)
+    out = train_to_files(spec, runtime, make_data(), 5, tmp_path / "out", ckpt, 1, log=quiet)
     assert out == tmp_path / "out"
     assert not ckpt.exists(), "the checkpoint must be removed after a successful run"
-    record = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
-    assert record["format"] == train.MODEL_FORMAT
-    assert record["ema"] is False
-    assert record["num_classes"] == 10 and record["in_channels"] == 3
-    assert isinstance(record["state_dict"], dict) and "fc.weight" in record["state_dict"]
+    assert not list(ckpt.parent.iterdir()), "temporary checkpoint files left behind"
+    raw = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    assert raw["format"] == MODEL_FORMAT
+    record = ModelRecord.load(out / "model.pt")
+    assert record.ema is False
+    assert record.num_classes == 10 and record.in_channels == 3
+    assert record.model == spec.model
+    assert isinstance(record.state_dict, dict) and "fc.weight" in record.state_dict
 
     assert header(out / "history.csv") == HISTORY_COLUMNS
     rows = read_history(out / "history.csv")
-    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert [r.epoch for r in rows] == [1, 2]
     for row in rows:
-        assert row["ema_val_loss"] == "" and row["ema_val_acc"] == ""
-        assert 0.0 <= float(row["val_acc"]) <= 1.0 and np.isfinite(float(row["train_loss"]))
+        assert row.ema_val_loss is None and row.ema_val_acc is None
+        assert 0.0 <= row.val_acc <= 1.0 and np.isfinite(row.train_loss)
+    assert all(r["ema_val_loss"] == "" and r["ema_val_acc"] == "" for r in csv_cells(out / "history.csv"))
 
     info = yaml.safe_load((out / "run.yaml").read_text())
-    assert info["seed"] == 5
+    assert info["seed"] == 5 and info["threads"] == 1
     assert info["device"] == "cpu"
     assert info["versions"]["torch"] == str(torch.__version__)
     assert "cifar_ensembles" in info["versions"]
-    assert info["config"] == spec
+    assert info["training"] == to_data(spec)
+    assert info["runtime"] == to_data(runtime)
     assert info["final_weights"] == "raw"
-    leftovers = [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert not leftovers, f"temporary files left behind: {leftovers}"
 
 
@@ -171,156 +176,272 @@ def test_model_pt_holds_ema_weights(tmp_path, monkeypatch):
             super().__init__(*args, **kwargs)
             trainers.append(self)
 
-    monkeypatch.setattr(train, "Trainer", Recording)
-    spec = make_spec(ema={"enabled": True, "decay": 0.9}, augment={"name": "none"})
-    out = train_to_files(spec, make_data(), 0, tmp_path / "out", tmp_path / "ckpt", log=quiet)
-    (trainer,) = trainers
-    saved = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
-    assert saved["ema"] is True
-    assert_states_equal(saved["state_dict"], trainer.ema.module.state_dict())
-    assert states_differ(saved["state_dict"], trainer.model.state_dict()), "raw weights were saved"
+    monkeypatch.setattr(train_stage, "Trainer", Recording)
+    spec = tiny_spec(ema={"enabled": True, "decay": 0.9}, augment={"name": "none"})
+    out = train(spec, make_data(), 0, tmp_path / "out", tmp_path / "ckpt")
+    (recorded,) = trainers
+    saved = ModelRecord.load(out / "model.pt")
+    assert saved.ema is True
+    assert_states_equal(saved.state_dict, recorded.ema.module.state_dict())
+    assert states_differ(saved.state_dict, recorded.model.state_dict()), "raw weights were saved"
     assert header(out / "history.csv") == HISTORY_COLUMNS
     for row in read_history(out / "history.csv"):
-        assert 0.0 <= float(row["ema_val_acc"]) <= 1.0
-        assert np.isfinite(float(row["ema_val_loss"]))
+        assert 0.0 <= row.ema_val_acc <= 1.0
+        assert np.isfinite(row.ema_val_loss)
     assert yaml.safe_load((out / "run.yaml").read_text())["final_weights"] == "ema"
 
 
 # --------------------------------------------------------------------- in-process resume
-class StopAfterEpoch(Trainer):
-    """Simulates a kill right after the checkpoint of epoch `stop_epoch` is written."""
-
-    stop_epoch = 2
-
-    def save_checkpoint(self, path):
-        super().save_checkpoint(path)
-        if self.position.epoch == self.stop_epoch and self.position.batch == 0:
-            raise KeyboardInterrupt("simulated kill")
-
-
-class SignalAtStep(Trainer):
-    """Sends itself a signal after `at_step` optimizer steps, as SLURM would mid-epoch."""
-
-    at_step, signum, steps = 9, signal.SIGTERM, 0
-
-    def train_step(self, x, y):
-        out = super().train_step(x, y)
-        SignalAtStep.steps += 1
-        if SignalAtStep.steps == self.at_step:
-            signal.raise_signal(self.signum)
-        return out
-
-
 @pytest.mark.parametrize("optimizer", ["sgd", "sam"])
 def test_resume_at_epoch_boundary_is_bit_exact(tmp_path, optimizer):
-    spec, data = make_spec(epochs=4, optimizer={"name": optimizer}), make_data()
-    reference = Trainer(spec, data, 1, log=quiet)
+    spec, data = tiny_spec(epochs=4, optimizer={"name": optimizer}), make_data()
+    reference = trainer(spec, data, 1)
     reference_history = reference.fit()
 
     ckpt = tmp_path / "run.ckpt"
     with pytest.raises(KeyboardInterrupt):
-        StopAfterEpoch(spec, data, 1, log=quiet).fit(ckpt)
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert (saved["epoch"], saved["batch"]) == (2, 0)
+        trainer(spec, data, 1, cls=StopAfterEpoch).fit(ckpt)
+    saved = Checkpoint.load(ckpt)
+    assert (saved.epoch, saved.batch) == (2, 0)
+    assert len(saved.history) == 2 and saved.divergence is None
 
     log = Log()
-    resumed = Trainer(spec, data, 1, log=log)
+    resumed = trainer(spec, data, 1, log=log)
     history = resumed.fit(ckpt)
-    assert "epoch 3, batch 0" in log.text()
+    assert f"resumed from {ckpt}: epoch 3, batch 0" in log.text()
     assert_states_equal(resumed.model.state_dict(), reference.model.state_dict())
-    opt, ref_opt = resumed.optimizer, reference.optimizer
+    opt, ref_opt = resumed.parts.optimizer, reference.parts.optimizer
     if optimizer == "sam":
         opt, ref_opt = opt.base_optimizer, ref_opt.base_optimizer
     assert_states_equal(opt.state_dict()["state"][0], ref_opt.state_dict()["state"][0])
-    assert without_timing(history) == without_timing(reference_history)
+    assert result_cells(history) == result_cells(reference_history)
 
 
-def test_resume_mid_epoch_after_signal_is_bit_exact(tmp_path):
-    """ASAM + EMA + albumentations + per-step cosine: every piece of state must survive."""
-    spec = make_spec(epochs=3, optimizer={"name": "asam"}, augment={"name": "albumentations"},
+@pytest.mark.parametrize("batch,signum", [(1, signal.SIGTERM), (3, signal.SIGUSR1), (6, signal.SIGTERM)],
+                         ids=["first-batch", "middle", "last-batch"])
+def test_resume_mid_epoch_after_signal_is_bit_exact(tmp_path, batch, signum):
+    """ASAM + EMA + albumentations + per-step cosine: every piece of state must survive, and the
+    history (the interrupted epoch's loss too) equals the uninterrupted run's, bit for bit."""
+    spec = tiny_spec(epochs=3, optimizer={"name": "asam"}, augment={"name": "albumentations"},
                      ema={"enabled": True, "decay": 0.9})
     data = make_data()
-    steps = len(data["y_train"]) // spec["batch_size"]
-    reference = Trainer(spec, data, 2, log=quiet)
+    steps = len(data["y_train"]) // spec.batch_size
+    assert batch <= steps == 6
+    reference = trainer(spec, data, 2)
     reference_history = reference.fit()
 
     ckpt = tmp_path / "run.ckpt"
-    SignalAtStep.steps, SignalAtStep.at_step = 0, steps + 2
-    old_handler = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(train.Preempted):
-        SignalAtStep(spec, data, 2, log=quiet).fit(ckpt)
-    assert signal.getsignal(signal.SIGTERM) == old_handler, "signal handlers must be restored"
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert (saved["epoch"], saved["batch"]) == (1, 2)
+    old_handler = signal.getsignal(signum)
+    stopped = trainer(spec, data, 2, cls=Scripted, signal_at=steps + batch, signum=signum)
+    with pytest.raises(Preempted, match=f"signal {int(signum)} at epoch 2, batch {batch}"):
+        stopped.fit(ckpt)
+    assert signal.getsignal(signum) == old_handler, "signal handlers must be restored"
+    assert stopped.saves == [(1, 0), (1, batch)]
+    saved = Checkpoint.load(ckpt)
+    assert (saved.epoch, saved.batch) == (1, batch)
+    assert len(saved.history) == 1
+    losses = saved.progress.losses
+    assert losses.shape == (steps,) and bool(torch.isfinite(losses).all())
+    assert bool((losses[:batch] != 0).all()) and bool((losses[batch:] == 0).all())
 
     log = Log()
-    resumed = Trainer(spec, data, 2, log=log)
+    resumed = trainer(spec, data, 2, log=log)
     history = resumed.fit(ckpt)
-    assert "epoch 2, batch 2" in log.text()
+    assert f"resumed from {ckpt}: epoch 2, batch {batch}" in log.text()
     assert_states_equal(resumed.model.state_dict(), reference.model.state_dict())
     assert_states_equal(resumed.ema.module.state_dict(), reference.ema.module.state_dict())
-    exact = [{k: v for k, v in row.items() if k not in (*TIMING, "train_loss")} for row in history]
-    assert exact == [{k: v for k, v in row.items() if k not in (*TIMING, "train_loss")}
-                     for row in reference_history]
-    # the epoch's loss is summed in two parts across the interruption: equal up to rounding
-    for got, want in zip(history, reference_history):
-        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-6)
+    assert result_cells(history) == result_cells(reference_history)
 
 
 def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
     data = make_data()
     ckpt = tmp_path / "run.ckpt"
     with pytest.raises(KeyboardInterrupt):
-        StopAfterEpoch(make_spec(epochs=3), data, 0, log=quiet).fit(ckpt)
+        trainer(tiny_spec(epochs=3), data, 0, cls=StopAfterEpoch).fit(ckpt)
     assert ckpt.exists()
 
-    other = make_spec(epochs=3, optimizer={"lr": 0.02})
+    other = tiny_spec(epochs=3, optimizer={"lr": 0.02})
     log = Log()
-    out = train_to_files(other, data, 0, tmp_path / "resumed", ckpt, log=log)
-    assert "another config" in log.text() and "starting afresh" in log.text()
+    out = train(other, data, 0, tmp_path / "resumed", ckpt, log=log)
+    assert "another training spec" in log.text() and "starting afresh" in log.text()
     assert "resumed from" not in log.text()
-    fresh = train_to_files(other, data, 0, tmp_path / "fresh", None, log=quiet)
+    fresh = train(other, data, 0, tmp_path / "fresh", None)
     assert_states_equal(load_state(out / "model.pt"), load_state(fresh / "model.pt"))
     assert not ckpt.exists()
 
 
 def test_checkpoint_of_another_seed_is_not_resumed(tmp_path):
-    spec, data = make_spec(epochs=3), make_data()
+    spec, data = tiny_spec(epochs=3), make_data()
     ckpt = tmp_path / "run.ckpt"
     with pytest.raises(KeyboardInterrupt):
-        StopAfterEpoch(spec, data, 0, log=quiet).fit(ckpt)
+        trainer(spec, data, 0, cls=StopAfterEpoch).fit(ckpt)
     log = Log()
-    Trainer(spec, data, 1, log=log).try_resume(ckpt)
+    assert trainer(spec, data, 1, log=log).try_resume(ckpt) is False
     assert "starting afresh" in log.text()
 
 
-def test_unreadable_checkpoint_starts_afresh(tmp_path):
-    spec, data = make_spec(epochs=1), make_data()
+# ------------------------------------------------------------------- damaged checkpoints
+class RunsCode:
+    """Unpickling this would create a file: a checkpoint must never be read that way."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def damage(kind: str, ckpt: Path, valid: Checkpoint) -> None:
+    """Write a damaged checkpoint of `kind` to `ckpt` (`valid` is a real one of this run)."""
+    valid.save(ckpt)
+    if kind == "random-bytes":
+        ckpt.write_bytes(np.random.default_rng(0).bytes(300))
+    elif kind == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    elif kind == "not-plain-data":
+        runs_code = RunsCode(ckpt.with_name("ran"))
+        torch.save({"format": CHECKPOINT_FORMAT, **to_data(valid), "model": runs_code}, ckpt)
+    elif kind == "another-format":
+        torch.save({"format": MODEL_FORMAT, **to_data(valid)}, ckpt)
+    elif kind == "missing-field":
+        body = to_data(valid)
+        del body["progress"]
+        torch.save({"format": CHECKPOINT_FORMAT, **body}, ckpt)
+    elif kind == "position-out-of-range":
+        dataclasses.replace(valid, batch=999).save(ckpt)
+    else:
+        raise ValueError(kind)
+
+
+DAMAGE = {"random-bytes": "not a readable checkpoint", "truncated": "not a readable checkpoint",
+          "not-plain-data": "not a readable checkpoint", "another-format": "not a cifar-ensembles checkpoint",
+          "missing-field": "progress: missing", "position-out-of-range": "position does not fit"}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_damaged_checkpoint_is_a_one_line_error_naming_it(kind, tmp_path, monkeypatch):
+    spec, data = tiny_spec(epochs=1), make_data()
     ckpt = tmp_path / "run.ckpt"
-    ckpt.write_bytes(np.random.default_rng(0).bytes(300))
-    log = Log()
-    out = train_to_files(spec, data, 0, tmp_path / "out", ckpt, log=log)
-    assert "unreadable" in log.text() and "starting afresh" in log.text()
-    fresh = train_to_files(spec, data, 0, tmp_path / "fresh", None, log=quiet)
-    assert_states_equal(load_state(out / "model.pt"), load_state(fresh / "model.pt"))
+    damage(kind, ckpt, trainer(spec, data, 0).checkpoint())
+    damaged = ckpt.read_bytes()
+
+    def no_training(self, x, y):
+        raise AssertionError("a damaged checkpoint must stop the run before any step")
+
+    monkeypatch.setattr(Trainer, "train_step", no_training)
+    with pytest.raises(DamagedFile) as info:
+        train(spec, data, 0, tmp_path / "out", ckpt)
+    message = str(info.value)
+    assert isinstance(info.value, UserError)
+    assert "\n" not in message
+    assert message.startswith(f"{ckpt}: ") and DAMAGE[kind] in message, message
+    assert message.endswith(RESUME_AFRESH)
+    assert ckpt.read_bytes() == damaged, "the damaged file is left for the user to look at"
+    assert not (tmp_path / "out" / "model.pt").exists()
+    assert not ckpt.with_name("ran").exists(), "reading a checkpoint ran code"
+
+
+# -------------------------------------------------------------------------- cadence
+def test_eval_every_epochs_leaves_empty_cells_but_validates_the_last_epoch(tmp_path):
+    spec = tiny_spec(epochs=4, ema={"enabled": True, "decay": 0.9}, augment={"name": "none"})
+    data = make_data()
+    every = train(spec, data, 0, tmp_path / "every", None)
+    sparse = train(spec, data, 0, tmp_path / "sparse", None, runtime=tiny_runtime(eval_every_epochs=3))
+
+    cells = csv_cells(sparse / "history.csv")
+    assert [r["epoch"] for r in cells] == ["1", "2", "3", "4"]
+    for row in cells:
+        validated = row["epoch"] in ("3", "4")  # every third epoch, and the last one
+        assert all((row[k] != "") == validated for k in VAL_COLUMNS), row
+    # validation is only looked at: the weights and every other cell are those of a run that
+    # validates each epoch
+    assert_states_equal(load_state(sparse / "model.pt"), load_state(every / "model.pt"))
+    got = [dict(zip(RESULT_FIELDS, r)) for r in result_cells(read_history(sparse / "history.csv"))]
+    want = [dict(zip(RESULT_FIELDS, r)) for r in result_cells(read_history(every / "history.csv"))]
+    for g, w in zip(got, want):
+        if g["val_loss"]:  # validated: every cell as in the run that validates each epoch
+            assert g == w
+        else:
+            assert {k: v for k, v in g.items() if k not in VAL_COLUMNS} == \
+                {k: v for k, v in w.items() if k not in VAL_COLUMNS}
+    assert len(got) == len(want) == 4
+
+
+@pytest.mark.parametrize("epoch,saves", [(1, [(0, 3)]), (3, [(2, 0), (2, 3)])],
+                         ids=["before-the-first", "after-one"])
+def test_checkpoint_every_epochs_writes_only_every_nth_epoch_and_on_sigterm(tmp_path, epoch, saves):
+    spec, data = tiny_spec(epochs=5, augment={"name": "none"}), make_data()
+    runtime = tiny_runtime(checkpoint_every_epochs=2)
+    steps = len(data["y_train"]) // spec.batch_size
+    reference = trainer(spec, data, 0)
+    reference_history = reference.fit()
+    run = trainer(spec, data, 0, runtime=runtime, cls=Scripted)
+    run.fit(tmp_path / "full.ckpt")
+    assert run.saves == [(2, 0), (4, 0), (5, 0)]  # every second epoch, and after the last one
+
+    # SIGTERM at batch 3 of `epoch`: a checkpoint is written there, between the cadence's ones
+    ckpt = tmp_path / "run.ckpt"
+    stopped = trainer(spec, data, 0, runtime=runtime, cls=Scripted, signal_at=(epoch - 1) * steps + 3)
+    with pytest.raises(Preempted):
+        stopped.fit(ckpt)
+    assert stopped.saves == saves
+    resumed = trainer(spec, data, 0, runtime=runtime, cls=Scripted)
+    history = resumed.fit(ckpt)
+    assert resumed.saves == [s for s in [(2, 0), (4, 0), (5, 0)] if s > saves[-1]]
+    assert_states_equal(resumed.model.state_dict(), reference.model.state_dict())
+    assert result_cells(history) == result_cells(reference_history)
+
+
+def test_checkpoint_every_minutes_saves_within_the_epoch(tmp_path):
+    spec, data = tiny_spec(epochs=1, augment={"name": "none"}), make_data()
+    steps = len(data["y_train"]) // spec.batch_size
+    run = trainer(spec, data, 0, runtime=tiny_runtime(checkpoint_every_minutes=1e-9), cls=Scripted)
+    run.fit(tmp_path / "run.ckpt")
+    assert run.saves == [(0, b) for b in range(1, steps + 1)] + [(1, 0)]
 
 
 # -------------------------------------------------------------------------- divergence
-def test_huge_learning_rate_raises_diverged(tmp_path):
-    spec = make_spec(optimizer={"lr": 1e12, "weight_decay": 0.0}, augment={"name": "none"})
+def test_divergence_is_recorded_and_a_rerun_fails_at_once_until_the_spec_changes(tmp_path, monkeypatch):
+    spec, data = tiny_spec(optimizer={"lr": 1e12, "weight_decay": 0.0}, augment={"name": "none"}), make_data()
     ckpt = tmp_path / "run.ckpt"
-    with pytest.raises(train.Diverged, match=r"epoch 1, step \d+") as info:
-        train_to_files(spec, make_data(), 0, tmp_path / "out", ckpt, log=quiet)
-    assert isinstance(info.value, UserError)
+    with pytest.raises(Diverged, match=r"^training diverged: loss is \w+ at epoch 1, step \d+$") as first:
+        train(spec, data, 0, tmp_path / "out", ckpt)
+    assert isinstance(first.value, UserError)
     assert not (tmp_path / "out" / "model.pt").exists()
+    saved = Checkpoint.load(ckpt)
+    assert saved.divergence is not None and saved.divergence.message() == str(first.value)
+    recorded = ckpt.read_bytes()
+
+    def no_training(self, x, y):
+        raise AssertionError("a recorded divergence must stop the rerun before any step")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", no_training)
+        # the same spec, under the same and under other speed settings: the same one line
+        for runtime in (tiny_runtime(), tiny_runtime(channels_last=False, eval_every_epochs=2)):
+            with pytest.raises(Diverged) as again:
+                train(spec, data, 0, tmp_path / "out", ckpt, runtime=runtime)
+            message = str(again.value)
+            assert message.startswith(str(first.value) + " (") and "\n" not in message
+            assert str(ckpt) in message
+            assert ckpt.read_bytes() == recorded
+            assert not (tmp_path / "out" / "model.pt").exists()
+
+    changed = tiny_spec(optimizer={"lr": 0.05, "weight_decay": 0.0}, augment={"name": "none"})
+    log = Log()
+    out = train(changed, data, 0, tmp_path / "out", ckpt, log=log)
+    assert "starting afresh" in log.text() and "resumed from" not in log.text()
+    fresh = train(changed, data, 0, tmp_path / "fresh", None)
+    assert_states_equal(load_state(out / "model.pt"), load_state(fresh / "model.pt"))
+    assert not ckpt.exists()
 
 
-def test_diverged_names_the_first_bad_epoch_and_step():
-    spec = make_spec(epochs=3, augment={"name": "none"})
+def test_diverged_names_the_first_bad_epoch_and_step(tmp_path):
+    spec = tiny_spec(epochs=3, augment={"name": "none"})
     data = make_data()
-    steps = len(data["y_train"]) // spec["batch_size"]
-    trainer = Trainer(spec, data, 0, log=quiet)
-    real_loss, calls = trainer.loss_fn, []
+    steps = len(data["y_train"]) // spec.batch_size
+    run = trainer(spec, data, 0)
+    real_loss, calls = run.parts.loss_fn, []
 
     def loss_fn(logits, y):
         loss = real_loss(logits, y)
@@ -330,9 +451,11 @@ def test_diverged_names_the_first_bad_epoch_and_step():
                 return loss * float("nan")
         return loss
 
-    trainer.loss_fn = loss_fn
-    with pytest.raises(train.Diverged, match=r"\bepoch 2, step 3\b"):
-        trainer.fit()
+    run.parts.loss_fn = loss_fn
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(Diverged, match=r"\bepoch 2, step 3\b"):
+        run.fit(ckpt)
+    assert Checkpoint.load(ckpt).divergence == Divergence(epoch=2, step=3, loss="nan")
 
 
 # ------------------------------------------------------------------- SAM and BatchNorm
@@ -343,21 +466,21 @@ def bn_buffers(model: torch.nn.Module) -> dict:
 
 @pytest.mark.parametrize("name", ["sam", "asam"])
 def test_sam_step_updates_batchnorm_stats_once(name):
-    spec = make_spec(optimizer={"name": name, "rho": 0.5}, augment={"name": "none"})
-    trainer = Trainer(spec, make_data(), 0, log=quiet)
-    initial = copy.deepcopy(trainer.model)
-    x, y = next(iter(trainer.loader))
-    trainer.model.train()
-    trainer.train_step(x, y)
+    spec = tiny_spec(optimizer={"name": name, "rho": 0.5}, augment={"name": "none"})
+    run = trainer(spec, make_data(), 0)
+    initial = copy.deepcopy(run.model)
+    x, y = next(iter(run.inputs.epoch(0, 0)))
+    run.model.train()
+    run.train_step(x, y)
 
     once = copy.deepcopy(initial).train()
     with torch.no_grad():
         once(x)
-    got, want = bn_buffers(trainer.model), bn_buffers(once)
+    got, want = bn_buffers(run.model), bn_buffers(once)
     assert got and list(got) == list(want)
     assert_states_equal(got, want)
     assert states_differ(got, bn_buffers(initial)), "the first pass must update the running stats"
-    assert states_differ(trainer.model.state_dict(), initial.state_dict())
+    assert states_differ(run.model.state_dict(), initial.state_dict())
     # sensitivity: a second (perturbed) pass that tracked statistics would change them
     with torch.no_grad():
         once(x + 0.5)
@@ -365,16 +488,16 @@ def test_sam_step_updates_batchnorm_stats_once(name):
 
 
 # -------------------------------------------------------------------------- user errors
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_device_without_cuda_is_a_user_error():
+def test_cuda_device_without_cuda_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="device"):
-        Trainer(make_spec(device="cuda"), make_data(), 0, log=quiet)
+        trainer(tiny_spec(), make_data(), 0, runtime=tiny_runtime(device="cuda"))
 
 
 def test_pretrained_without_weights_file_is_a_user_error():
-    spec = make_spec(model={"name": "resnet18", "pretrained": True})
+    spec = tiny_spec(model={"name": "resnet18", "pretrained": True})
     with pytest.raises(UserError, match="model.pretrained"):
-        Trainer(spec, make_data(), 0, log=quiet)
+        trainer(spec, make_data(), 0)
 
 
 def test_pretrained_weights_are_loaded_from_the_file(tmp_path):
@@ -383,9 +506,9 @@ def test_pretrained_weights_are_loaded_from_the_file(tmp_path):
     torch.manual_seed(123)
     state = resnet18().state_dict()
     torch.save(state, tmp_path / "resnet18.pth")
-    spec = make_spec(model={"name": "resnet18", "pretrained": True, "input_size": 32})
-    trainer = Trainer(spec, make_data(), 0, weights_file=str(tmp_path / "resnet18.pth"), log=quiet)
-    own = trainer.model.net.state_dict()
+    spec = tiny_spec(model={"name": "resnet18", "pretrained": True, "input_size": 32})
+    run = trainer(spec, make_data(), 0, weights_file=str(tmp_path / "resnet18.pth"))
+    own = run.model.net.state_dict()
     assert_states_equal({k: own[k] for k in state if not k.startswith("fc.")},
                         {k: v for k, v in state.items() if not k.startswith("fc.")})
     assert own["fc.weight"].shape == (10, 512)
@@ -393,35 +516,51 @@ def test_pretrained_weights_are_loaded_from_the_file(tmp_path):
 
 def test_batch_larger_than_training_set_is_a_user_error():
     with pytest.raises(UserError, match="batch_size"):
-        Trainer(make_spec(batch_size=1000), make_data(), 0, log=quiet)
+        trainer(tiny_spec(batch_size=1000), make_data(), 0)
 
 
-def cli(*args):
-    return [sys.executable, "-m", "cifar_ensembles", *map(str, args)]
+# ------------------------------------------------------------------------------ the CLI
+# 256 images at batch 8: 32 steps per epoch, 3 epochs. Interrupted runs pause inside a chosen
+# step (the hook below) until the test's signal has been handled, so a signal lands at an exact
+# point of the epoch however slow the machine is; nothing here waits a fixed time.
+CLI_STEPS = 32
+CLI_TRAINING = dict(epochs=3, batch_size=8, augment={"name": "none"}, ema={"enabled": True, "decay": 0.9})
+PROCESS_TIMEOUT = 600.0  # seconds; the CPUs may be shared with other work
 
+# `cifar-ensembles ARGS`, paused right after optimizer step PAUSE_AT_STEP of this process: it
+# writes "epoch batch" (the step's 1-based batch) to PAUSE_MARKER and waits until a stop
+# signal has been handled (SIGTERM/SIGUSR1) or it is killed; the loop then goes on as usual.
+PAUSING_CLI = """
+import os, sys, time
+from pathlib import Path
+from cifar_ensembles import cli
+from cifar_ensembles.training import Trainer, signals
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cli_cuda_without_cuda_exits_2_with_one_line(tmp_path):
-    npz = tmp_path / "data.npz"
-    prepare.write(npz, make_data())
-    proc = subprocess.run(cli("train", "--data", npz, "--spec", json.dumps(make_spec(device="cuda")),
-                              "--seed", 0, "--out-dir", tmp_path / "out", "--threads", 1),
-                          env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "device" in lines[0], proc.stderr
-    assert not (tmp_path / "out" / "model.pt").exists()
+pause_at, marker = int(os.environ["PAUSE_AT_STEP"]), Path(os.environ["PAUSE_MARKER"])
+real_step, real_handle, steps, handled = Trainer.train_step, signals.StopFlag._handle, [0], []
 
+def handle(self, signum, frame):
+    real_handle(self, signum, frame)
+    handled.append(signum)
 
-# -------------------------------------------------------- CLI: kill, SIGTERM, SIGUSR1
-# 256 images at batch 8: 32 steps per epoch, so a signal sent after an epoch's log line lands
-# inside the next epoch (the stop flag is looked at after every step).
-CLI_SPEC = make_spec(epochs=3, batch_size=8, augment={"name": "none"}, ema={"enabled": True, "decay": 0.9})
+def train_step(self, x, y):
+    out = real_step(self, x, y)
+    steps[0] += 1
+    if steps[0] == pause_at:
+        tmp = marker.with_name(marker.name + ".tmp")
+        tmp.write_text(f"{self.position.epoch} {self.position.batch + 1}")
+        os.replace(tmp, marker)
+        deadline = time.monotonic() + 900
+        while not handled:
+            if time.monotonic() > deadline:
+                os._exit(3)  # the test is gone: do not linger
+            time.sleep(0.01)
+    return out
 
-
-def train_cmd(npz, out_dir, ckpt):
-    return cli("train", "--data", npz, "--spec", json.dumps(CLI_SPEC), "--seed", 0,
-               "--out-dir", out_dir, "--checkpoint", ckpt, "--threads", 1)
+signals.StopFlag._handle = handle
+Trainer.train_step = train_step
+sys.exit(cli.main(sys.argv[1:]))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -430,120 +569,187 @@ def cli_run(tmp_path_factory):
     only loads the file and calls train_to_files)."""
     root = tmp_path_factory.mktemp("cli")
     npz = root / "data.npz"
-    prepare.write(npz, make_data(n_train=256))
-    train_to_files(CLI_SPEC, prepare.load(npz), 0, root / "reference", root / "reference.ckpt",
-                   threads=1, log=quiet)
-    return npz, load_state(root / "reference" / "model.pt"), read_history(root / "reference" / "history.csv")
+    splits.write(npz, make_data(n_train=256))
+    spec, runtime = tiny_spec(**CLI_TRAINING), tiny_runtime()
+    train_to_files(spec, runtime, splits.load(npz), 0, root / "reference", root / "reference.ckpt", 1,
+                   log=quiet)
+    return SimpleNamespace(npz=npz, spec=spec, runtime=runtime,
+                           state=load_state(root / "reference" / "model.pt"),
+                           history=read_history(root / "reference" / "history.csv"))
 
 
-def start(cmd) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def train_args(run, out_dir: Path, ckpt: Path, spec=None, runtime=None) -> list:
+    return ["train", "--data", run.npz, "--spec", to_json(spec or run.spec),
+            "--runtime", to_json(runtime or run.runtime), "--seed", 0, "--out-dir", out_dir,
+            "--checkpoint", ckpt, "--threads", 1]
 
 
-def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"training ended before writing {path}: {proc.communicate()[1]}"
-        assert time.monotonic() < deadline, f"no checkpoint after {timeout} s"
-        time.sleep(0.005)
-
-
-def wait_for_line(proc: subprocess.Popen, prefix: str) -> str:
-    """Read stderr up to the line starting with `prefix` (logged inside fit: handlers are set)."""
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if line.startswith(prefix):
-            return "".join(seen)
-    raise AssertionError(f"no line {prefix!r} before exit {proc.wait()}: {''.join(seen)}")
-
-
-def finish(proc: subprocess.Popen, timeout: float = 120.0) -> str:
+@contextlib.contextmanager
+def paused_cli(args: list, pause_at: int, workdir: Path):
+    """Start the CLI paused after step `pause_at`; yields (process, (epoch, batch) of the pause,
+    stderr file). The process is killed on the way out if it is still running."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    marker, stderr = workdir / "paused", workdir / "stderr.txt"
+    env = {**ENV, "PAUSE_AT_STEP": str(pause_at), "PAUSE_MARKER": str(marker)}
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", PAUSING_CLI, *map(str, args)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
     try:
-        return proc.communicate(timeout=timeout)[1]
+        deadline = time.monotonic() + PROCESS_TIMEOUT
+        while not marker.exists():
+            try:
+                code = proc.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                assert time.monotonic() < deadline, f"no pause in {PROCESS_TIMEOUT} s: {stderr.read_text()}"
+                continue
+            raise AssertionError(f"training exited {code} before step {pause_at}: {stderr.read_text()}")
+        epoch, batch = map(int, marker.read_text().split())
+        yield proc, (epoch, batch), stderr
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            proc.wait()
 
 
-def waiting(proc: subprocess.Popen, wait, *args):
-    """Run `wait(*args)`; on failure kill the process instead of leaving it behind."""
-    try:
-        return wait(*args)
-    except BaseException:
-        proc.kill()
-        proc.communicate()
-        raise
-
-
-def stop_with(proc: subprocess.Popen, signum: int, ckpt: Path) -> dict:
-    """Send `signum` after epoch 1 or 2's line; check the exit and return the checkpoint."""
+def stop(proc: subprocess.Popen, signum: int, stderr: Path) -> str:
     proc.send_signal(signum)
-    stderr = finish(proc)
-    assert proc.returncode == 75, stderr
-    assert "stopped" in stderr.strip().splitlines()[-1], stderr
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert saved["format"] == train.CHECKPOINT_FORMAT
-    assert 1 <= saved["epoch"] < CLI_SPEC["epochs"]
-    assert saved["batch"] > 0, "the checkpoint must be taken inside the epoch"
-    assert len(saved["history"]) == saved["epoch"]
+    proc.wait(timeout=PROCESS_TIMEOUT)
+    return stderr.read_text()
+
+
+def assert_preempted(proc: subprocess.Popen, text: str, ckpt: Path, position: tuple[int, int]) -> Checkpoint:
+    assert proc.returncode == 75, text
+    assert "stopped" in text.strip().splitlines()[-1], text
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["format"] == CHECKPOINT_FORMAT
+    saved = Checkpoint.load(ckpt)
+    assert (saved.epoch, saved.batch) == position
+    assert len(saved.history) == saved.epoch
     return saved
 
 
-def rerun(cmd) -> str:
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+def rerun(args: list) -> str:
+    proc = cli(*args, timeout=PROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     return proc.stderr
 
 
-def assert_same_run(out_dir: Path, reference: dict, reference_history: list[dict]) -> None:
-    assert_states_equal(load_state(out_dir / "model.pt"), reference)
-    got = read_history(out_dir / "history.csv")
-    skip = (*TIMING, "train_loss")  # an interrupted epoch's loss is summed in two parts
-    assert ([{k: v for k, v in r.items() if k not in skip} for r in got]
-            == [{k: v for k, v in r.items() if k not in skip} for r in reference_history])
-    for a, b in zip(got, reference_history):
-        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-6)
-
-
-def test_cli_sigterm_mid_epoch_exits_75_and_resumes_bit_exact(cli_run, tmp_path):
-    npz, reference, reference_history = cli_run
-    ckpt = tmp_path / "ckpt" / "run.ckpt"
-    cmd = train_cmd(npz, tmp_path / "out", ckpt)
-    proc = start(cmd)
-    waiting(proc, wait_for_line, proc, "epoch 1/3")
-    saved = stop_with(proc, signal.SIGTERM, ckpt)
-    assert not (tmp_path / "out" / "model.pt").exists()
-
-    stderr = rerun(cmd)
-    assert f"resumed from {ckpt}: epoch {saved['epoch'] + 1}, batch {saved['batch']}" in stderr
+def assert_same_run(out_dir: Path, ckpt: Path, run) -> None:
+    """The resumed run ends as the uninterrupted one: weights and every result cell, bit for bit."""
     assert not ckpt.exists()
-    assert_same_run(tmp_path / "out", reference, reference_history)
+    assert not list(ckpt.parent.iterdir()), "temporary checkpoint files left behind"
+    assert_states_equal(load_state(out_dir / "model.pt"), run.state)
+    assert result_cells(read_history(out_dir / "history.csv")) == result_cells(run.history)
+
+
+POINTS = {"first-batch": 1, "middle": CLI_STEPS // 2, "last-batch": CLI_STEPS}
+
+
+@pytest.mark.parametrize("point", list(POINTS))
+def test_cli_sigterm_mid_epoch_exits_75_and_resumes_bit_exact(cli_run, tmp_path, point):
+    batch = POINTS[point]
+    ckpt, out = tmp_path / "ckpt" / "run.ckpt", tmp_path / "out"
+    args = train_args(cli_run, out, ckpt)
+    with paused_cli(args, CLI_STEPS + batch, tmp_path / "first") as (proc, paused, stderr):
+        assert paused == (1, batch)
+        text = stop(proc, signal.SIGTERM, stderr)
+    saved = assert_preempted(proc, text, ckpt, (1, batch))
+    losses = saved.progress.losses
+    assert bool((losses[:batch] != 0).all()) and bool((losses[batch:] == 0).all())
+    assert not (out / "model.pt").exists()
+
+    text = rerun(args)
+    assert f"resumed from {ckpt}: epoch 2, batch {batch}" in text
+    assert_same_run(out, ckpt, cli_run)
+
+
+@pytest.mark.parametrize("point", list(POINTS))
+def test_cli_sigkill_mid_epoch_resumes_from_the_last_checkpoint_bit_exact(cli_run, tmp_path, point):
+    """With a checkpoint after every step (checkpoint_every_minutes), a kill loses only the step
+    in flight; the rerun replays it and ends as the uninterrupted run."""
+    batch = POINTS[point]
+    ckpt, out = tmp_path / "ckpt" / "run.ckpt", tmp_path / "out"
+    runtime = dataclasses.replace(cli_run.runtime, checkpoint_every_minutes=1e-9)
+    args = train_args(cli_run, out, ckpt, runtime=runtime)
+    with paused_cli(args, CLI_STEPS + batch, tmp_path / "first") as (proc, paused, stderr):
+        assert paused == (1, batch)
+        stop(proc, signal.SIGKILL, stderr)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "model.pt").exists()
+    killed = Checkpoint.load(ckpt)
+    assert (killed.epoch, killed.batch) == (1, batch - 1)
+
+    text = rerun(args)
+    assert f"resumed from {ckpt}: epoch 2, batch {batch - 1}" in text
+    assert_same_run(out, ckpt, cli_run)
 
 
 def test_cli_resume_after_sigkill_then_sigusr1_is_bit_exact(cli_run, tmp_path):
-    npz, reference, reference_history = cli_run
-    ckpt = tmp_path / "ckpt" / "run.ckpt"
-    cmd = train_cmd(npz, tmp_path / "out", ckpt)
+    ckpt, out = tmp_path / "ckpt" / "run.ckpt", tmp_path / "out"
+    args = train_args(cli_run, out, ckpt)
 
-    proc = start(cmd)
-    waiting(proc, wait_for_file, ckpt, proc)  # epoch 1 is done
-    proc.send_signal(signal.SIGKILL)
-    finish(proc)
+    # killed inside epoch 2: the checkpoint of epoch 1 is what is left
+    with paused_cli(args, CLI_STEPS + 8, tmp_path / "first") as (proc, paused, stderr):
+        assert paused == (1, 8)
+        stop(proc, signal.SIGKILL, stderr)
     assert proc.returncode == -signal.SIGKILL
-    assert not (tmp_path / "out" / "model.pt").exists()
-    killed = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert (killed["epoch"], killed["batch"]) == (1, 0)
+    assert not (out / "model.pt").exists()
+    killed = Checkpoint.load(ckpt)
+    assert (killed.epoch, killed.batch) == (1, 0)
 
     # the rerun resumes, and is then stopped by SLURM's warning signal inside epoch 3
-    proc = start(cmd)
-    seen = waiting(proc, wait_for_line, proc, "epoch 2/3")
-    saved = stop_with(proc, signal.SIGUSR1, ckpt)
-    assert f"resumed from {ckpt}: epoch 2, batch 0" in seen
-    assert saved["epoch"] == 2
+    with paused_cli(args, CLI_STEPS + 10, tmp_path / "second") as (proc, paused, stderr):
+        assert paused == (2, 10)
+        text = stop(proc, signal.SIGUSR1, stderr)
+    assert_preempted(proc, text, ckpt, (2, 10))
+    assert f"resumed from {ckpt}: epoch 2, batch 0" in text
 
-    stderr = rerun(cmd)
-    assert f"resumed from {ckpt}: epoch 3, batch {saved['batch']}" in stderr
-    assert not ckpt.exists()
-    assert_same_run(tmp_path / "out", reference, reference_history)
+    text = rerun(args)
+    assert f"resumed from {ckpt}: epoch 3, batch 10" in text
+    assert_same_run(out, ckpt, cli_run)
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one-line error of a failed CLI run (its last stderr line)."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    prefix = "cifar-ensembles train: error: "
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(prefix), proc.stderr
+    return line[len(prefix):]
+
+
+def test_cli_divergence_fails_again_at_once_with_the_same_line(cli_run, tmp_path):
+    spec = tiny_spec(epochs=2, optimizer={"lr": 1e12, "weight_decay": 0.0}, augment={"name": "none"})
+    ckpt, out = tmp_path / "ckpt" / "run.ckpt", tmp_path / "out"
+    args = train_args(cli_run, out, ckpt, spec=spec)
+    first = error_line(cli(*args, timeout=PROCESS_TIMEOUT))
+    assert first.startswith("training diverged: loss is ") and "at epoch 1, step" in first
+    recorded = ckpt.read_bytes()
+
+    again = cli(*args, timeout=PROCESS_TIMEOUT)
+    assert error_line(again).startswith(first + " (recorded in " + str(ckpt))
+    assert "epoch 1/2" not in again.stderr  # no epoch was trained
+    assert ckpt.read_bytes() == recorded
+    assert not (out / "model.pt").exists()
+
+
+def test_cli_damaged_checkpoint_exits_2_naming_it(cli_run, tmp_path):
+    ckpt, out = tmp_path / "ckpt" / "run.ckpt", tmp_path / "out"
+    ckpt.parent.mkdir()
+    data = splits.load(cli_run.npz)
+    damage("truncated", ckpt, trainer(cli_run.spec, data, 0, runtime=cli_run.runtime).checkpoint())
+    line = error_line(cli(*train_args(cli_run, out, ckpt), timeout=PROCESS_TIMEOUT))
+    assert line.startswith(f"{ckpt}: not a readable checkpoint") and line.endswith(RESUME_AFRESH)
+    assert ckpt.exists() and not (out / "model.pt").exists()
+
+
+def test_cli_cuda_without_cuda_exits_2_with_one_line(cli_run, tmp_path):
+    args = train_args(cli_run, tmp_path / "out", tmp_path / "run.ckpt",
+                      runtime=dataclasses.replace(cli_run.runtime, device="cuda"))
+    proc = subprocess.run([sys.executable, "-m", "cifar_ensembles.cli", *map(str, args)],
+                          env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True,
+                          timeout=PROCESS_TIMEOUT)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "device" in lines[0], proc.stderr
+    assert not (tmp_path / "out" / "model.pt").exists()

@@ -14,6 +14,8 @@ from torchvision.models import resnet18
 
 from cifar_ensembles.errors import UserError
 from cifar_ensembles.models import ResNet18Cifar
+from cifar_ensembles.spec import WeightsSpec
+from cifar_ensembles.stages.download import download_weights
 from cifar_ensembles.weights import default_url, fetch_weights
 
 
@@ -79,3 +81,19 @@ def test_weights_of_another_architecture_are_rejected(tmp_path):
 def test_missing_local_file(tmp_path):
     with pytest.raises(UserError, match="pretrained_weights.file: .*no such file"):
         fetch_weights(tmp_path / "out.pth", local_file=str(tmp_path / "nope.pth"))
+
+
+def test_download_stage_takes_file_or_url_from_its_spec(imagenet_like, server, tmp_path):
+    """`pretrained_weights` (WeightsSpec) reaches fetch_weights as it is: a file, else a URL."""
+    local = download_weights(WeightsSpec(url=None, file=str(imagenet_like)), tmp_path / "a" / "w.pth")
+    assert local.read_bytes() == imagenet_like.read_bytes()
+    folder, base = server
+    name = f"resnet18-{sha256_prefix(imagenet_like)}.pth"
+    (folder / name).write_bytes(imagenet_like.read_bytes())
+    fetched = download_weights(WeightsSpec(url=f"{base}/{name}", file=None), tmp_path / "b" / "w.pth")
+    assert fetched.read_bytes() == imagenet_like.read_bytes()
+    (folder / "resnet18-00000000.pth").write_bytes(imagenet_like.read_bytes())  # hash prefix does not match
+    bad = WeightsSpec(url=f"{base}/resnet18-00000000.pth", file=None)
+    with pytest.raises(UserError, match="pretrained_weights.url"):
+        download_weights(bad, tmp_path / "c" / "w.pth")
+    assert not (tmp_path / "c" / "w.pth").exists()

@@ -1,7 +1,8 @@
-"""The whole Snakemake workflow on a tiny upstream-format CIFAR-10 archive, then the rerun rules.
+"""The whole Snakemake workflow on the committed tiny configs (.test/), then the rerun rules.
 
-One real run (download -> prepare -> train -> predict -> ensemble -> report) checks every
-artifact; dry runs after edits check that only what depends on the edit would rerun.
+One real run (download -> prepare -> train -> predict -> ensemble -> report) on a tiny
+upstream-format CIFAR-10 archive checks every artifact; dry runs after edits check that a
+result setting reruns exactly what depends on it and a runtime setting reruns nothing.
 """
 
 from __future__ import annotations
@@ -16,46 +17,36 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
+from conftest import ENV, ROOT, TEST_CONFIGS
 
-ROOT = Path(__file__).resolve().parents[1]
+from cifar_ensembles.formats import EnsembleSummary, ModelRecord, read_history
+from cifar_ensembles.spec import load_config
+
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-EXPERIMENTS = {"exp_sgd": [0, 1], "exp_adam": [0, 1]}
-
-
-def tiny_config(archive: Path, md5: str) -> dict:
-    return {
-        "dataset": "cifar10",
-        "data": {"source": str(archive), "md5": md5, "val_size": 40, "split_seed": 0},
-        "training": {
-            "device": "cpu", "epochs": 1, "batch_size": 16,
-            "model": {"name": "resnet18_cifar", "width": 4, "pretrained": False, "input_size": None},
-            "loader": {"num_workers": 0},
-        },
-        "run_experiments": list(EXPERIMENTS),
-        "experiments": {
-            "exp_sgd": {"seeds": EXPERIMENTS["exp_sgd"],
-                        "optimizer": {"name": "sgd", "lr": 0.05, "weight_decay": 5e-4},
-                        "scheduler": {"name": "cosine", "interval": "step"},
-                        "loss": {"name": "cross_entropy"}},
-            "exp_adam": {"seeds": EXPERIMENTS["exp_adam"], "optimizer": {"name": "adam", "lr": 1e-3},
-                         "scheduler": {"name": "step", "step_size": 1}},
-        },
-        "predict": {"device": "cpu", "batch_size": 64},
-        "report": {"dpi": 60, "published": None},
-    }
+TINY = TEST_CONFIGS / "cifar10-tiny.yaml"
+TINY_CONFIG = yaml.safe_load(TINY.read_text())
+EXPERIMENTS = {name: TINY_CONFIG["experiments"][name]["seeds"] for name in TINY_CONFIG["run_experiments"]}
+PLOTS = {"plot_training_curves", "plot_ensemble_curve", "plot_reliability", "plot_accuracy", "plot_cost"}
 
 
 def env() -> dict:
-    e = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
+    e = dict(ENV)
     e["PATH"] = str(Path(sys.executable).parent) + os.pathsep + e.get("PATH", "")
     return e
 
 
-def snakemake(workdir: Path, config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--configfile", str(config),
-           "--cores", "2", *args]
+def write_source(directory: Path, archive: Path, md5: str) -> Path:
+    """The config file .test/make_tiny_cifar.py writes: where the archive is and its MD5."""
+    path = directory / "source.yaml"
+    path.write_text(yaml.safe_dump({"data": {"source": str(archive), "md5": md5}}))
+    return path
+
+
+def snakemake(workdir: Path, configs: list[Path], *args: str,
+              check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
+           "--configfile", *map(str, configs), "--cores", "2", *args]
     proc = subprocess.run(cmd, cwd=workdir, env=env(), capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         tail = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -63,14 +54,13 @@ def snakemake(workdir: Path, config: Path, *args: str, check: bool = True) -> su
     return proc
 
 
-def planned_jobs(workdir: Path, config: Path) -> dict[str, int]:
+def planned_jobs(workdir: Path, configs: list[Path]) -> dict[str, int]:
     """Rule -> job count of a dry run ({} when there is nothing to do)."""
-    out = snakemake(workdir, config, "-n").stdout
+    out = snakemake(workdir, configs, "-n").stdout
     if "Nothing to be done" in out:
         return {}
-    table = out.split("Job stats:", 1)[1]
     jobs = {}
-    for line in table.splitlines()[3:]:
+    for line in out.split("Job stats:", 1)[1].splitlines()[3:]:
         m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
         if not m:
             continue
@@ -84,16 +74,22 @@ def planned_jobs(workdir: Path, config: Path) -> dict[str, int]:
 def finished_run(tmp_path_factory, cifar_archive):
     archive, md5 = cifar_archive
     workdir = tmp_path_factory.mktemp("workflow")
-    config_path = workdir / "tiny.yaml"
-    config = tiny_config(archive, md5)
-    config_path.write_text(yaml.safe_dump(config))
-    proc = snakemake(workdir, config_path)
-    return workdir, config_path, config, proc
+    configs = [TINY, write_source(workdir, archive, md5)]
+    proc = snakemake(workdir, configs)
+    return workdir, configs, proc
+
+
+def with_change(finished_run, tmp_path, change: dict) -> dict[str, int]:
+    """The dry run's plan after adding a config file with `change` to the finished run's."""
+    workdir, configs, _ = finished_run
+    path = tmp_path / "change.yaml"
+    path.write_text(yaml.safe_dump(change))
+    return planned_jobs(workdir, [*configs, path])
 
 
 @pytest.mark.slow
 def test_every_artifact_is_written(finished_run):
-    workdir, _, _, proc = finished_run
+    workdir, _, proc = finished_run
     assert "Report:" in proc.stdout + proc.stderr
     data = np.load(workdir / "resources/cifar10/data.npz")
     assert data["x_train"].dtype == np.uint8 and data["x_train"].shape[1:] == (32, 32, 3)
@@ -101,13 +97,13 @@ def test_every_artifact_is_written(finished_run):
     for experiment, seeds in EXPERIMENTS.items():
         for seed in seeds:
             run = workdir / f"results/{experiment}/seed{seed}"
-            record = torch.load(run / "model.pt", weights_only=True)
-            assert "state_dict" in record and record["num_classes"] == 10
-            with open(run / "history.csv") as f:
-                rows = list(csv.DictReader(f))
-            assert len(rows) == 1 and 0 <= float(rows[0]["val_acc"]) <= 1
+            record = ModelRecord.load(run / "model.pt")
+            assert record.num_classes == 10 and record.model.width == 4
+            rows = read_history(run / "history.csv")
+            assert len(rows) == 1 and 0 <= rows[0].val_acc <= 1
             info = yaml.safe_load((run / "run.yaml").read_text())
             assert info["seed"] == seed and info["device"] == "cpu"
+            assert info["training"]["model"]["width"] == 4 and info["runtime"]["device"] == "cpu"
             assert (run / "benchmark.tsv").read_text().startswith("s\t")
             assert not (run / "checkpoint.pt").exists()
             for split, n in (("val", 40), ("test", 60)):
@@ -115,11 +111,10 @@ def test_every_artifact_is_written(finished_run):
                 assert probs.dtype == np.float32 and probs.shape == (n, 10)
                 np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
                 metrics = json.loads((run / f"metrics_{split}.json").read_text())
-                labels = data[f"y_{split}"]
-                assert metrics["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == labels))
+                assert metrics["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == data[f"y_{split}"]))
             assert (workdir / f"logs/train/{experiment}/seed{seed}.log").read_text().count("epoch 1/1") == 1
-        summary = json.loads((workdir / f"results/{experiment}/ensemble.json").read_text())
-        assert summary["chosen_on"] == "val" and 1 <= summary["chosen_k"] <= len(seeds)
+        summary = EnsembleSummary.load(workdir / f"results/{experiment}/ensemble.json")
+        assert summary.chosen_on == "val" and 1 <= summary.chosen_k <= len(seeds)
         with open(workdir / f"results/{experiment}/ensemble.csv") as f:
             assert [int(r["k"]) for r in csv.DictReader(f)] == list(range(1, len(seeds) + 1))
         for figure in ("training_curves", "ensemble_curve", "reliability"):
@@ -129,7 +124,7 @@ def test_every_artifact_is_written(finished_run):
     for figure in ("accuracy", "cost"):
         assert (workdir / f"results/report/{figure}.png").read_bytes()[:4] == b"\x89PNG"
     comparisons = json.loads((workdir / "results/comparisons.json").read_text())
-    assert [(c["a"], c["b"]) for c in comparisons["pairs"]] == [("exp_sgd", "exp_adam")]
+    assert [(c["a"], c["b"]) for c in comparisons["pairs"]] == [tuple(EXPERIMENTS)]
     md = (workdir / "results/report/summary.md").read_text()
     assert all(e in md for e in EXPERIMENTS)
     assert (workdir / "results/report/summary.csv").read_text().count("\n") == 1 + len(EXPERIMENTS)
@@ -137,44 +132,114 @@ def test_every_artifact_is_written(finished_run):
 
 @pytest.mark.slow
 def test_no_change_means_nothing_to_do(finished_run):
-    workdir, config_path, _, _ = finished_run
-    assert planned_jobs(workdir, config_path) == {}
+    workdir, configs, _ = finished_run
+    assert planned_jobs(workdir, configs) == {}
+
+
+# Every runtime key, changed to another valid value: none may rerun anything.
+RUNTIME_CHANGES = {
+    "device": "auto", "compile": True, "channels_last": False, "cudnn_benchmark": False, "jobs_per_gpu": 4,
+    "eval_batch_size": 7, "predict_batch_size": 5, "eval_every_epochs": 3, "checkpoint_every_epochs": 2,
+    "checkpoint_every_minutes": 1.5, "loader": {"num_workers": 1, "pin_memory": False,
+                                                "persistent_workers": False},
+}
+
+
+def test_the_runtime_changes_cover_every_runtime_key():
+    assert set(RUNTIME_CHANGES) == set(load_config()["runtime"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", list(RUNTIME_CHANGES))
+def test_a_runtime_change_reruns_nothing(finished_run, tmp_path, key):
+    assert with_change(finished_run, tmp_path, {"runtime": {key: RUNTIME_CHANGES[key]}}) == {}
+
+
+@pytest.mark.slow
+def test_a_runtime_change_of_one_experiment_reruns_nothing(finished_run, tmp_path):
+    experiment = next(iter(EXPERIMENTS))
+    change = {"experiments": {experiment: {"runtime": RUNTIME_CHANGES}}}
+    assert with_change(finished_run, tmp_path, change) == {}
 
 
 @pytest.mark.slow
 def test_report_only_change_reruns_only_report_jobs(finished_run, tmp_path):
-    workdir, _, config, _ = finished_run
-    changed = dict(config, report=dict(config["report"], dpi=72))
-    path = tmp_path / "dpi.yaml"
-    path.write_text(yaml.safe_dump(changed))
-    jobs = planned_jobs(workdir, path)
-    assert set(jobs) == {"plot_training_curves", "plot_ensemble_curve", "plot_reliability", "plot_accuracy",
-                         "plot_cost", "all"}
+    jobs = with_change(finished_run, tmp_path, {"report": {"dpi": 72}})
+    assert set(jobs) == PLOTS | {"all"}
     assert jobs["plot_training_curves"] == jobs["plot_reliability"] == len(EXPERIMENTS)
 
 
 @pytest.mark.slow
-def test_one_experiment_change_reruns_only_that_experiment(finished_run, tmp_path):
-    workdir, _, config, _ = finished_run
-    experiments = json.loads(json.dumps(config["experiments"]))
-    experiments["exp_adam"]["optimizer"]["lr"] = 2e-3
-    path = tmp_path / "lr.yaml"
-    path.write_text(yaml.safe_dump(dict(config, experiments=experiments)))
-    jobs = planned_jobs(workdir, path)
-    seeds = len(EXPERIMENTS["exp_adam"])
+def test_published_number_of_one_experiment_redraws_its_curve_and_the_summary(finished_run, tmp_path):
+    experiment = next(iter(EXPERIMENTS))
+    published = {experiment: {"note": "x", "test_accuracy": 0.5, "k": 1}}
+    jobs = with_change(finished_run, tmp_path, {"report": {"published": published}})
+    assert jobs == {"plot_ensemble_curve": 1, "summary": 1, "all": 1}
+
+
+@pytest.mark.slow
+def test_ensemble_setting_reruns_ensembles_and_report(finished_run, tmp_path):
+    jobs = with_change(finished_run, tmp_path, {"ensemble": {"bootstrap": 200}})
+    assert jobs == {"ensemble": len(EXPERIMENTS), "plot_ensemble_curve": len(EXPERIMENTS),
+                    "plot_reliability": len(EXPERIMENTS), "plot_accuracy": 1, "summary": 1, "all": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", [{"optimizer": {"lr": 2e-3}}, {"precision": "bf16"},
+                                    {"augment": {"mode": "batched"}}, {"ema": {"enabled": True}}])
+def test_one_experiment_result_change_reruns_only_that_experiment(finished_run, tmp_path, change):
+    experiment = list(EXPERIMENTS)[-1]
+    workdir, configs, _ = finished_run
+    jobs = with_change(finished_run, tmp_path, {"experiments": {experiment: change}})
+    seeds = len(EXPERIMENTS[experiment])
     assert jobs == {"train": seeds, "predict": 2 * seeds, "ensemble": 1, "compare": 1,
                     "plot_training_curves": 1, "plot_ensemble_curve": 1, "plot_reliability": 1,
                     "plot_accuracy": 1, "plot_cost": 1, "summary": 1, "all": 1}
-    wildcards = re.findall(r"wildcards: (.*)", snakemake(workdir, path, "-n").stdout)
-    assert wildcards and all("experiment=exp_adam" in w for w in wildcards)
+    out = snakemake(workdir, [*configs, tmp_path / "change.yaml"], "-n").stdout
+    wildcards = re.findall(r"wildcards: (.*)", out)
+    assert wildcards and all(f"experiment={experiment}" in w for w in wildcards)
+
+
+@pytest.mark.slow
+def test_a_training_default_reruns_only_the_experiments_whose_result_it_decides(finished_run, tmp_path):
+    # exp_sgd trains with cross-entropy, which has no gamma_neg; exp_adam keeps the default ASL
+    assert TINY_CONFIG["experiments"]["exp_sgd"]["loss"]["name"] == "cross_entropy"
+    workdir, configs, _ = finished_run
+    jobs = with_change(finished_run, tmp_path, {"training": {"loss": {"gamma_neg": 2.0}}})
+    assert jobs["train"] == len(EXPERIMENTS["exp_adam"])
+    out = snakemake(workdir, [*configs, tmp_path / "change.yaml"], "-n").stdout
+    assert "experiment=exp_sgd" not in out
+    # and a field no experiment uses (Adam's betas: exp_adam keeps them, exp_sgd has no Adam)
+    betas = {"experiments": {"exp_sgd": {"optimizer": {"betas": [0.5, 0.5]}}}}
+    unused = with_change(finished_run, tmp_path, betas)
+    assert unused == {}
+
+
+@pytest.mark.slow
+def test_data_split_change_reruns_from_prepare(finished_run, tmp_path):
+    jobs = with_change(finished_run, tmp_path, {"data": {"val_size": 30}})
+    assert jobs["prepare"] == 1 and "download" not in jobs
+    assert jobs["train"] == sum(len(s) for s in EXPERIMENTS.values())
 
 
 @pytest.mark.slow
 def test_html_report_builds(finished_run):
-    workdir, config_path, _, _ = finished_run
-    snakemake(workdir, config_path, "--report", "report.html")
+    workdir, configs, _ = finished_run
+    snakemake(workdir, configs, "--report", "report.html")
     html = (workdir / "report.html").read_text(errors="replace")
     assert "training curves" in html.lower() or "training_curves" in html
+
+
+@pytest.mark.slow
+def test_the_fashion_mnist_test_config_runs_end_to_end(tmp_path):
+    """The real-data tiny workflow a person can run by hand (needs Debian's dataset-fashion-mnist)."""
+    snakemake(tmp_path, [TEST_CONFIGS / "fashion-mnist-tiny.yaml"])
+    config = yaml.safe_load((TEST_CONFIGS / "fashion-mnist-tiny.yaml").read_text())
+    for experiment in config["run_experiments"]:
+        summary = EnsembleSummary.load(tmp_path / f"results/{experiment}/ensemble.json")
+        assert len(summary.singles) == len(config["experiments"][experiment]["seeds"])
+        assert summary.single_test_accuracy.mean > 0.3  # real images: well above chance (0.1)
+    assert (tmp_path / "results/report/summary.md").exists()
 
 
 def test_lint_is_clean():
@@ -185,27 +250,23 @@ def test_lint_is_clean():
 
 
 def test_schema_rejects_unknown_key(tmp_path, cifar_archive):
-    archive, md5 = cifar_archive
-    config = tiny_config(archive, md5)
-    config["experiments"]["exp_sgd"]["optimiser"] = {"name": "sgd"}
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = snakemake(tmp_path, path, "-n", check=False)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"experiments": {"exp_sgd": {"optimiser": {"name": "sgd"}}}}))
+    proc = snakemake(tmp_path, [TINY, write_source(tmp_path, *cifar_archive), bad], "-n", check=False)
     assert proc.returncode != 0
-    assert "optimiser" in proc.stdout + proc.stderr
+    expected = "experiments.exp_sgd.optimiser: unknown key; did you mean 'optimizer'?"
+    assert expected in proc.stdout + proc.stderr
 
 
 def test_pretrained_experiments_fetch_weights_in_their_own_job(tmp_path, cifar_archive):
-    archive, md5 = cifar_archive
-    config = tiny_config(archive, md5)
-    config["experiments"]["exp_adam"]["model"] = {"name": "resnet18", "pretrained": True, "input_size": 64}
-    path = tmp_path / "pretrained.yaml"
-    path.write_text(yaml.safe_dump(config))
-    jobs = planned_jobs(tmp_path, path)
+    configs = [TINY, write_source(tmp_path, *cifar_archive)]
+    pretrained = tmp_path / "pretrained.yaml"
+    experiment = list(EXPERIMENTS)[-1]
+    pretrained.write_text(yaml.safe_dump({"experiments": {experiment: {"model": {
+        "name": "resnet18", "pretrained": True, "input_size": 64}}}}))
+    jobs = planned_jobs(tmp_path, [*configs, pretrained])
     assert jobs["download_weights"] == 1
-    out = snakemake(tmp_path, path, "-n").stdout
+    out = snakemake(tmp_path, [*configs, pretrained], "-n").stdout
     weights_inputs = re.findall(r"rule train:\n\s+input: ([^\n]+)", out)
-    assert sum("resnet18_imagenet.pth" in line for line in weights_inputs) == len(EXPERIMENTS["exp_adam"])
-    del config["experiments"]["exp_adam"]["model"]
-    path.write_text(yaml.safe_dump(config))
-    assert "download_weights" not in planned_jobs(tmp_path, path)
+    assert sum("resnet18_imagenet.pth" in line for line in weights_inputs) == len(EXPERIMENTS[experiment])
+    assert "download_weights" not in planned_jobs(tmp_path, configs)

@@ -27,13 +27,29 @@ from .spec import WorkflowSpec, origin, resolve
 TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "fashion_mnist": 60_000}
 TEST_IMAGES = {"cifar10": 10_000, "cifar100": 10_000, "fashion_mnist": 10_000}
 PRETRAINED_MODELS = ("resnet18",)  # architectures with ImageNet weights
-# Keys of earlier releases and where they live now (speed settings moved to `runtime`).
+# Keys of earlier releases and where they live now (speed settings moved to `runtime`), by
+# where they were: `training` or an experiment, the top level, `augment`.
 MOVED = {
     "device": "runtime.device", "compile": "runtime.compile", "channels_last": "runtime.channels_last",
     "cudnn_benchmark": "runtime.cudnn_benchmark", "jobs_per_gpu": "runtime.jobs_per_gpu",
     "eval_batch_size": "runtime.eval_batch_size", "loader": "runtime.loader",
-    "predict": "runtime.predict_batch_size and runtime.device",
 }
+MOVED_FROM_TOP = {"predict": "runtime.predict_batch_size and runtime.device"}
+SPEED_MOVED = "(speed settings rerun nothing there)"
+
+
+def moved(path: str, key: str) -> str | None:
+    """Where an old key at `path` lives now, or None when it was never a key there."""
+    if path == "config" and key in MOVED_FROM_TOP:
+        return f"moved to {MOVED_FROM_TOP[key]} {SPEED_MOVED}"
+    if path == "training" and key in MOVED:
+        return f"moved to {MOVED[key]} {SPEED_MOVED}"
+    if re.fullmatch(r"experiments\.[^.\[]+", path) and key in MOVED:  # the experiment's own runtime
+        return f"moved to {path}.{MOVED[key]} {SPEED_MOVED}"
+    if re.fullmatch(r"(training|experiments\.[^.\[]+)\.augment", path) and key == "device":
+        return (f"replaced by {path}.mode (cpu: per_image, gpu: batched; "
+                "a result setting: switching it retrains)")
+    return None
 
 
 def validate_config(config: dict, schema_path: str | os.PathLike) -> WorkflowSpec:
@@ -117,8 +133,9 @@ def describe(error, schema: dict) -> str:
                    if k not in allowed and not any(re.search(p, str(k)) for p in patterns)]
         if unknown and allowed:
             key = unknown[0]
-            if key in MOVED:
-                return f"{_join(path, str(key))}: moved to {MOVED[key]} (speed settings rerun nothing there)"
+            where = moved(path, str(key))
+            if where:
+                return f"{_join(path, str(key))}: {where}"
             return (f"{_join(path, str(key))}: unknown key{_suggest(key, allowed)} "
                     f"(allowed: {', '.join(allowed)})")
     if keyword == "required":

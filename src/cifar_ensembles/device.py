@@ -16,11 +16,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise UserError(f"device: {name!r} requested but CUDA is not available on this machine")
+            raise UserError(f"runtime.device: {name!r} requested but CUDA is not available on this machine")
         return torch.device(name)
     if name == "cpu":
         return torch.device("cpu")
-    raise UserError(f"device: unknown device {name!r}; choose auto, cpu or cuda")
+    raise UserError(f"runtime.device: unknown device {name!r}; choose auto, cpu or cuda")
 
 
 def autocast(device: torch.device, precision: str):

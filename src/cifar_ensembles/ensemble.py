@@ -55,7 +55,7 @@ def choose_size(val_curve: np.ndarray) -> int:
     return int(np.argmax(val_curve)) + 1
 
 
-def member_subsets(m: int, k: int, max_subsets: int = 500, seed: int = 0) -> tuple[np.ndarray, bool]:
+def member_subsets(m: int, k: int, max_subsets: int, seed: int) -> tuple[np.ndarray, bool]:
     """(n, k) member indices: every k-subset when there are at most `max_subsets`, else that
     many distinct ones drawn with a fixed seed. Returns the subsets and whether they are all."""
     total = math.comb(m, k)
@@ -92,8 +92,8 @@ def subset_accuracies(probs: np.ndarray, labels: np.ndarray, subsets: np.ndarray
     return {"soft": np.concatenate(soft), "hard": np.concatenate(hard)}
 
 
-def subset_curve(probs: np.ndarray, labels: np.ndarray, max_subsets: int = 500,
-                 seed: int = 0) -> dict[str, dict[str, list[float]]]:
+def subset_curve(probs: np.ndarray, labels: np.ndarray, max_subsets: int,
+                 seed: int) -> dict[str, dict[str, list[float]]]:
     """Accuracy vs ensemble size over random member subsets: mean, std, min, max per k."""
     m = probs.shape[0]
     out = {vote: {"mean": [], "std": [], "min": [], "max": []} for vote in ("soft", "hard")}

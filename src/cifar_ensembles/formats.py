@@ -329,13 +329,38 @@ class EnsembleSummary:
     def load(cls, path: str | os.PathLike) -> EnsembleSummary:
         body = _check_format(read_json(path, "ensemble summary"), SUMMARY_FORMAT, path, "ensemble summary")
         summary = _typed(cls, body, path, "ensemble summary")
-        m = len(summary.seeds)
-        if not (1 <= summary.chosen_k <= m and len(summary.singles) == m
-                and all(len(c.soft) == m and len(c.hard) == m for c in summary.first_k.values())
-                and {"val", "test"} <= set(summary.first_k) and {"val", "test"} <= set(summary.subsets)
-                and summary.best_single_seed in summary.seeds):
-            raise DamagedFile(path, "damaged ensemble summary (its parts do not fit together)")
+        misfit = summary._misfit()
+        if misfit:
+            raise DamagedFile(path, f"damaged ensemble summary (its parts do not fit together: {misfit})")
         return summary
+
+    def _misfit(self) -> str | None:
+        """What does not fit the seeds in a summary whose fields each have the right type."""
+        seeds, m = self.seeds, len(self.seeds)
+        if not 1 <= self.chosen_k <= m:
+            return f"chosen_k {self.chosen_k} for {m} seeds"
+        if self.members != seeds[:self.chosen_k]:
+            return "members are not the first chosen_k seeds"
+        if [s.seed for s in self.singles] != seeds:
+            return "singles are not one per seed, in seed order"
+        if self.best_single_seed not in seeds:
+            return f"best_single_seed {self.best_single_seed} is not one of the seeds"
+        for name, curves in (("first_k", self.first_k), ("subsets", self.subsets)):
+            if set(curves) != {"val", "test"}:
+                return f"{name} must have val and test curves"
+        for split, c in self.first_k.items():
+            if not len(c.soft) == len(c.hard) == m:
+                return f"first_k.{split} curves are not one value per ensemble size"
+        for split, c in self.subsets.items():
+            spreads = [v for s in (c.soft, c.hard) for v in (s.mean, s.std, s.min, s.max)]
+            lengths = {len(c.subsets), len(c.exhaustive), *(len(v) for v in spreads)}
+            if lengths != {m}:
+                return f"subsets.{split} curves are not one value per ensemble size"
+        g = self.greedy
+        if (sorted(g.order) != sorted(seeds) or len(g.val_nll) != m or not 1 <= g.chosen_size <= m
+                or sorted(g.members) != sorted(g.order[:g.chosen_size])):
+            return "greedy selection does not fit the seeds"
+        return None
 
 
 # ------------------------------------------------------------------ comparisons.json

@@ -1,22 +1,26 @@
-"""One GPU per training job (or a share of one) on a multi-GPU workstation.
+"""One GPU per job (or a share of one) among the GPUs a job can see.
 
 Snakemake's `--resources gpu=N` limits how many GPU jobs run at once but assigns no device
-to local jobs, so every job would pick GPU 0. Before CUDA is initialised, a training job
-therefore claims a GPU with lock files and sets `CUDA_VISIBLE_DEVICES` to it. Each GPU has
-8 slots, one lock file each (`<lock dir>/cifar-ensembles-gpu-<index>-slot<j>.lock`,
-exclusive `fcntl.flock`); a job takes 8 / `jobs_per_gpu` slots of one GPU (all 8 by
-default: the GPU is its own), on the fullest GPU that still has room, so jobs that share
-pack together and leave whole GPUs free for jobs that do not. The locks are held for the
-life of the process; the kernel drops them when the process ends, however it ends (SIGKILL
-included), so there is nothing stale to clean up. When no GPU has room the job logs a line
-and waits.
+to local jobs, so every job would pick the first visible GPU. Before CUDA is initialised,
+a job therefore claims one of the visible GPUs with lock files and narrows
+`CUDA_VISIBLE_DEVICES` to it. The visible GPUs are whatever set them: the entries of
+`CUDA_VISIBLE_DEVICES` when it is set (by a user, or by SLURM inside a multi-GPU
+allocation), else every GPU of the machine.
 
-Nothing happens when a scheduler already chose the devices (`CUDA_VISIBLE_DEVICES` or
-`SLURM_JOB_ID` set), when fewer than two GPUs are visible, or when the device is `cpu` or an
+Each GPU has 8 slots, one lock file each (`<lock dir>/cifar-ensembles-gpu-<id>-slot<j>.lock`,
+exclusive `fcntl.flock`, `<id>` the GPU's entry in CUDA_VISIBLE_DEVICES or its index, under
+a SLURM job prefixed by the job's id, whose device numbering is its own). A training job
+takes 8 / `runtime.jobs_per_gpu` slots, a prediction one. Jobs spread before they pack: a
+job takes the GPU with the most free slots (the lowest index on a tie), so 11 seeds at 4
+per GPU on 4 GPUs run 3/3/3/2, not 4/4/3/0. The locks are held for the life of the process;
+the kernel drops them when it ends, however it ends (SIGKILL included), so there is nothing
+stale to clean up. When no GPU has room the job logs a line and waits.
+
+Nothing happens when fewer than two GPUs are visible or when the device is `cpu` or an
 explicit `cuda:N`. `CIFAR_ENSEMBLES_GPU_LOCK_DIR` moves the lock files (default: the temp
 folder); every workflow sharing the GPUs must use the same folder.
 
-`claim_gpu` knows nothing of torch, so it is tested on CPU machines with fake GPU counts.
+This module knows nothing of torch, so it is tested on CPU machines with fake GPU counts.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from pathlib import Path
 
 from .errors import UserError
@@ -38,11 +42,10 @@ from .errors import UserError
 LOCK_DIR_ENV = "CIFAR_ENSEMBLES_GPU_LOCK_DIR"
 LOCK_PREFIX = "cifar-ensembles-gpu-"
 SLOTS = 8  # per GPU; a job takes SLOTS // jobs_per_gpu of them (the workflow's gpu_slots)
-SCHEDULER_ENV = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID")
 POLL_SECONDS = 10.0
 REMIND_SECONDS = 600.0
 
-_held: dict[tuple[str, int], list[int]] = {}  # (lock dir, index) -> open fds holding its slots
+_held: dict[tuple[str, str], list[int]] = {}  # (lock dir, GPU key) -> open fds holding its slots
 
 
 def lock_dir(path: str | os.PathLike | None = None) -> Path:
@@ -50,8 +53,17 @@ def lock_dir(path: str | os.PathLike | None = None) -> Path:
     return Path(path or os.environ.get(LOCK_DIR_ENV) or tempfile.gettempdir())
 
 
-def slot_path(index: int, slot: int, directory: str | os.PathLike | None = None) -> Path:
-    return lock_dir(directory) / f"{LOCK_PREFIX}{index}-slot{slot}.lock"
+def gpu_key(gpu_id: str, env: MutableMapping[str, str] | None = None) -> str:
+    """The lock-file name part of a visible GPU: its id, made file-name safe, under a SLURM job
+    prefixed by the job's id (jobs of other allocations number their GPUs from 0 too)."""
+    env = os.environ if env is None else env
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(gpu_id))
+    job = env.get("SLURM_JOB_ID")
+    return f"slurm{job}-{safe}" if job else safe
+
+
+def slot_path(key: str | int, slot: int, directory: str | os.PathLike | None = None) -> Path:
+    return lock_dir(directory) / f"{LOCK_PREFIX}{key}-slot{slot}.lock"
 
 
 def _open_lock(path: Path) -> int:
@@ -88,11 +100,11 @@ def _close(fds: list[int]) -> None:
         os.close(fd)  # closing the only fd of an open file releases its flock
 
 
-def _take(index: int, need: int, directory: Path) -> list[int] | None:
-    """Locks on `need` free slots of GPU `index`, or None (and nothing held) when it has fewer."""
+def _take(key: str, need: int, directory: Path) -> list[int] | None:
+    """Locks on `need` free slots of GPU `key`, or None (and nothing held) when it has fewer."""
     fds = []
     for slot in range(SLOTS):
-        fd = _try_lock(slot_path(index, slot, directory))
+        fd = _try_lock(slot_path(key, slot, directory))
         if fd is not None:
             fds.append(fd)
             if len(fds) == need:
@@ -101,50 +113,56 @@ def _take(index: int, need: int, directory: Path) -> list[int] | None:
     return None
 
 
-def _free_slots(index: int, directory: Path) -> int:
-    fds = [fd for slot in range(SLOTS) if (fd := _try_lock(slot_path(index, slot, directory))) is not None]
+def _free_slots(key: str, directory: Path) -> int:
+    fds = [fd for slot in range(SLOTS) if (fd := _try_lock(slot_path(key, slot, directory))) is not None]
     _close(fds)
     return len(fds)
 
 
-def claim_gpu(n_gpus: int, lock_dir_path: str | os.PathLike | None = None,
-              log: Callable[[str], None] | None = None, poll_seconds: float = POLL_SECONDS,
-              timeout: float | None = None, jobs_per_gpu: int = 1) -> int | None:
-    """Claim one of `n_gpus` GPUs (or a 1/`jobs_per_gpu` share) for the rest of this process.
+def _keys(gpus: int | Sequence[str]) -> list[str]:
+    return [str(i) for i in range(gpus)] if isinstance(gpus, int) else [str(g) for g in gpus]
 
-    Returns the GPU's index, or None when there is nothing to choose (`n_gpus` < 2). Takes
-    the fullest GPU that still has room (lowest index on a tie); when none has, logs once
-    (and every 10 minutes) and retries every `poll_seconds`. `timeout` (seconds, None:
-    forever) raises TimeoutError; for tests.
+
+def claim_gpu(gpus: int | Sequence[str], lock_dir_path: str | os.PathLike | None = None,
+              log: Callable[[str], None] | None = None, poll_seconds: float = POLL_SECONDS,
+              timeout: float | None = None, *, jobs_per_gpu: int) -> int | None:
+    """Claim one of `gpus` (a count, or the lock keys of the visible GPUs) for the rest of
+    this process, or a 1/`jobs_per_gpu` share of one.
+
+    Returns the GPU's position among `gpus`, or None when there is nothing to choose (fewer
+    than two). Takes the GPU with the most free slots (the lowest position on a tie); when
+    none has room, logs once (and every 10 minutes) and retries every `poll_seconds`.
+    `timeout` (seconds, None: forever) raises TimeoutError; for tests.
     """
-    if n_gpus < 2:
+    keys = _keys(gpus)
+    if len(keys) < 2:
         return None
     if jobs_per_gpu not in (1, 2, 4, 8):
-        raise UserError(f"jobs_per_gpu: {jobs_per_gpu!r} must be 1, 2, 4 or 8")
+        raise UserError(f"runtime.jobs_per_gpu: {jobs_per_gpu!r} must be 1, 2, 4 or 8")
     need = SLOTS // jobs_per_gpu
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     directory = lock_dir(lock_dir_path)
-    for index in range(n_gpus):
-        if (str(directory), index) in _held:  # this process has its GPU already
+    for index, key in enumerate(keys):
+        if (str(directory), key) in _held:  # this process has its GPU already
             return index
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"{directory}: cannot create the GPU lock folder ({err.strerror}); "
                         f"set {LOCK_DIR_ENV}") from None
-    share = "" if jobs_per_gpu == 1 else f", shared by up to {jobs_per_gpu} jobs"
+    share = "" if need == SLOTS else f", {need} of its {SLOTS} slots"
     start = time.monotonic()
     reminded = None
     quick = 0  # first passes retried soon: a job starting beside us holds slots briefly while it looks
     while True:
-        free = {i: _free_slots(i, directory) for i in range(n_gpus)}
-        for index in sorted((i for i in free if free[i] >= need), key=lambda i: (free[i], i)):
-            fds = _take(index, need, directory)
+        free = [_free_slots(key, directory) for key in keys]
+        for index in sorted((i for i in range(len(keys)) if free[i] >= need), key=lambda i: (-free[i], i)):
+            fds = _take(keys[index], need, directory)
             if fds is not None:  # (None: another job took the room since we looked)
-                _held[(str(directory), index)] = fds
+                _held[(str(directory), keys[index])] = fds
                 waited = f", after waiting {time.monotonic() - start:.0f}s" if reminded is not None else ""
-                log(f"using GPU {index} of {n_gpus}{share} (locks {directory}/"
-                    f"{LOCK_PREFIX}{index}-slot*.lock{waited})")
+                log(f"using GPU {index} of {len(keys)} visible{share} (locks {directory}/"
+                    f"{LOCK_PREFIX}{keys[index]}-slot*.lock{waited})")
                 return index
         if quick < 3:
             quick += 1
@@ -152,38 +170,38 @@ def claim_gpu(n_gpus: int, lock_dir_path: str | os.PathLike | None = None,
             continue
         now = time.monotonic()
         if timeout is not None and now - start >= timeout:
-            raise TimeoutError(f"no GPU of {n_gpus} had room for {timeout}s")
+            raise TimeoutError(f"no GPU of {len(keys)} had room for {timeout}s")
         if reminded is None or now - reminded >= REMIND_SECONDS:
-            log(f"all {n_gpus} GPUs are claimed by other cifar-ensembles jobs (lock files "
+            log(f"all {len(keys)} visible GPUs are claimed by other cifar-ensembles jobs (lock files "
                 f"{directory}/{LOCK_PREFIX}*.lock); waiting for room")
             reminded = now
         time.sleep(poll_seconds)
 
 
-def release_gpu(index: int, lock_dir_path: str | os.PathLike | None = None) -> None:
+def release_gpu(gpus: int | Sequence[str], index: int, lock_dir_path: str | os.PathLike | None = None) -> None:
     """Give a claimed GPU back before the process ends (the process's exit does it otherwise)."""
-    _close(_held.pop((str(lock_dir(lock_dir_path)), index), []))
+    _close(_held.pop((str(lock_dir(lock_dir_path)), _keys(gpus)[index]), []))
 
 
 @contextlib.contextmanager
-def claimed_gpu(n_gpus: int, lock_dir_path: str | os.PathLike | None = None,
+def claimed_gpu(gpus: int | Sequence[str], lock_dir_path: str | os.PathLike | None = None,
                 log: Callable[[str], None] | None = None, **kwargs) -> Iterator[int | None]:
     """`claim_gpu` for a block: the GPU is released when the block ends."""
-    index = claim_gpu(n_gpus, lock_dir_path, log, **kwargs)
+    index = claim_gpu(gpus, lock_dir_path, log, **kwargs)
     try:
         yield index
     finally:
         if index is not None:
-            release_gpu(index, lock_dir_path)
+            release_gpu(gpus, index, lock_dir_path)
 
 
 def gpu_count() -> int:
-    """GPUs this process can see, counted without initialising CUDA here.
+    """GPUs of the machine, counted without initialising CUDA here.
 
     Asks NVML the way torch.cuda.device_count() does first; that call falls back to
     cudaGetDeviceCount when NVML is missing, which initialises CUDA in this process and
     would make a later CUDA_VISIBLE_DEVICES useless, so the fallback here counts
-    /dev/nvidia<N> device nodes instead.
+    /dev/nvidia<N> device nodes instead. Call it only when CUDA_VISIBLE_DEVICES is unset.
     """
     try:
         import torch
@@ -205,27 +223,43 @@ def gpu_count() -> int:
         return 0
 
 
-def claim_gpu_for_job(device: str, log: Callable[[str], None] | None = None, jobs_per_gpu: int = 1,
+def visible_gpus(env: MutableMapping[str, str], count: Callable[[], int]) -> list[str]:
+    """The ids of the GPUs this job can see: CUDA_VISIBLE_DEVICES's entries (up to the first
+    empty or negative one, as CUDA reads it) when set, else every GPU's index."""
+    value = env.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return [str(i) for i in range(count())]
+    ids = []
+    for entry in value.split(","):
+        entry = entry.strip()
+        if not entry or entry.startswith("-"):
+            break
+        ids.append(entry)
+    return ids
+
+
+def claim_gpu_for_job(device: str, log: Callable[[str], None] | None, jobs_per_gpu: int,
                       env: MutableMapping[str, str] | None = None,
                       count: Callable[[], int] | None = None,
                       lock_dir_path: str | os.PathLike | None = None, **kwargs) -> int | None:
-    """Claim a GPU and set CUDA_VISIBLE_DEVICES when this job should choose one itself.
+    """Claim a visible GPU and narrow CUDA_VISIBLE_DEVICES to it when this job should choose.
 
-    Call before anything initialises CUDA. Returns the claimed index, or None when the
-    device is left alone: `device` is cpu or an explicit cuda:N, a scheduler set
-    CUDA_VISIBLE_DEVICES or SLURM_JOB_ID, or fewer than two GPUs are visible. `count`
-    (default: `gpu_count`) and `env` (default: os.environ) are there for tests.
+    Call before anything initialises CUDA. Returns the claimed GPU's position among the
+    visible ones, or None when the device is left alone: `device` is cpu or an explicit
+    cuda:N, or fewer than two GPUs are visible. `count` (default: `gpu_count`) and `env`
+    (default: os.environ) are there for tests.
     """
     env = os.environ if env is None else env
     if device not in ("auto", "cuda"):
         return None
-    if any(name in env for name in SCHEDULER_ENV):
+    enumerated = "CUDA_VISIBLE_DEVICES" not in env
+    ids = visible_gpus(env, count or gpu_count)
+    if len(ids) < 2:
         return None
-    n = (count or gpu_count)()
-    if n < 2:
-        return None
-    index = claim_gpu(n, lock_dir_path or env.get(LOCK_DIR_ENV), log, jobs_per_gpu=jobs_per_gpu, **kwargs)
+    keys = [gpu_key(i, env) for i in ids]
+    index = claim_gpu(keys, lock_dir_path or env.get(LOCK_DIR_ENV), log, jobs_per_gpu=jobs_per_gpu, **kwargs)
     if index is not None:
-        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # index = nvidia-smi's, in every job
-        env["CUDA_VISIBLE_DEVICES"] = str(index)
+        if enumerated:
+            env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # index = nvidia-smi's, in every job
+        env["CUDA_VISIBLE_DEVICES"] = ids[index]
     return index

@@ -29,9 +29,11 @@ class AsymmetricLossSingleLabel(nn.Module):
         num_classes = logits.shape[-1]
         log_p = F.log_softmax(logits.float(), dim=-1)
         p = log_p.exp()
-        onehot = F.one_hot(target, num_classes).to(log_p.dtype)
-        weight = torch.where(onehot.bool(), (1 - p).pow(self.gamma_pos), p.pow(self.gamma_neg))
-        q = onehot * (1 - self.eps) + self.eps / num_classes
+        # the target mask by comparison, not F.one_hot, whose check of the labels' range is a host
+        # sync every step (labels are range-checked once, when data.npz is read)
+        is_target = torch.arange(num_classes, device=logits.device) == target.unsqueeze(-1)
+        weight = torch.where(is_target, (1 - p).pow(self.gamma_pos), p.pow(self.gamma_neg))
+        q = is_target.to(log_p.dtype) * (1 - self.eps) + self.eps / num_classes
         loss = -(q * weight * log_p).sum(dim=-1)
         if self.reduction == "mean":
             return loss.mean()

@@ -51,44 +51,68 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
 
-    def _scales(self, group):
-        """Per-parameter T (None where T = 1)."""
+    def _split(self, group) -> tuple[list, list]:
+        """The group's parameters that have a gradient: (scaled by T, T = 1)."""
         names = group.get("param_names", [None] * len(group["params"]))
+        scaled, plain = [], []
         for p, name in zip(group["params"], names):
-            scaled = group["adaptive"] and (group["adaptive_params"] == "all" or "weight" in name)
-            yield p, (p.abs() + group["eta"]) if scaled else None
+            if p.grad is None:
+                continue
+            adaptive = group["adaptive"] and (group["adaptive_params"] == "all" or "weight" in name)
+            (scaled if adaptive else plain).append(p)
+        return scaled, plain
 
-    @torch.no_grad()
-    def _grad_norm(self) -> torch.Tensor:
-        norms = [(p.grad if t is None else t * p.grad).norm(p=2)
-                 for group in self.param_groups for p, t in self._scales(group)
-                 if p.grad is not None]
-        if not norms:
-            return torch.zeros(())
-        return torch.linalg.vector_norm(torch.stack(norms), ord=2)
+    def _saved(self, params: list) -> list:
+        """Persistent buffers that hold w during the perturbed pass (allocated on first use)."""
+        buffers = []
+        for p in params:
+            state = self.state[p]
+            if "saved" not in state or state["saved"].shape != p.shape:
+                state["saved"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            buffers.append(state["saved"])
+        return buffers
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Move to w + eps and remember w."""
-        norm = self._grad_norm()
+        """Move to w + eps and remember w: a fixed number of foreach kernels, whatever the number
+        of parameters, and no host sync (the norm and the scale stay on the device)."""
+        plans, norms = [], []
         for group in self.param_groups:
-            scale = group["rho"] / (norm + 1e-12)
-            for p, t in self._scales(group):
-                if p.grad is None:
-                    continue
-                self.state[p]["old_p"] = p.detach().clone()
-                eps = p.grad * scale.to(p.device) if t is None else t * t * p.grad * scale.to(p.device)
-                p.add_(eps)
+            scaled, plain = self._split(group)
+            t_grads = None
+            if scaled:
+                t = torch._foreach_abs(scaled)
+                torch._foreach_add_(t, group["eta"])  # T = |w| + eta, computed once
+                t_grads = torch._foreach_mul(t, [p.grad for p in scaled])  # T g
+                norms += torch._foreach_norm(t_grads)
+                torch._foreach_mul_(t_grads, t)  # T^2 g
+            if plain:
+                norms += torch._foreach_norm([p.grad for p in plain])
+            plans.append((group, scaled, plain, t_grads))
+        if not norms:
+            self._perturbed = []
+            return
+        norm = torch.linalg.vector_norm(torch.stack(norms), ord=2)
+        self._perturbed = []
+        for group, scaled, plain, t_grads in plans:
+            params = scaled + plain
+            if not params:
+                continue
+            scale = torch.div(group["rho"], norm + 1e-12)
+            eps = [*(t_grads or ()), *(p.grad for p in plain)]
+            eps = torch._foreach_mul(eps, scale)
+            torch._foreach_copy_(self._saved(params), params)
+            torch._foreach_add_(params, eps)
+            self._perturbed.append(params)
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Return exactly to w and let the base optimizer step with the perturbed gradient."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if "old_p" in self.state[p]:
-                    p.copy_(self.state[p].pop("old_p"))
+        for params in getattr(self, "_perturbed", []):
+            torch._foreach_copy_(params, self._saved(params))
+        self._perturbed = []
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
@@ -129,12 +153,16 @@ def frozen_bn_stats(model: nn.Module):
 
 
 def base_optimizer_kwargs(spec: OptimizerSpec, base: str) -> dict:
-    """The keyword arguments of torch's SGD or Adam for an `optimizer:` spec."""
+    """The keyword arguments of torch's SGD or Adam for an `optimizer:` spec.
+
+    `fused=True` on every device: one kernel updates every parameter, the step counters stay
+    tensors (no host sync per parameter, which the per-parameter Adam makes), and a CPU runs
+    the code path a GPU runs."""
     if base == "sgd":
         return dict(lr=spec.lr, weight_decay=spec.weight_decay, momentum=spec.momentum,
-                    nesterov=spec.nesterov)
+                    nesterov=spec.nesterov, fused=True)
     if base == "adam":
-        return dict(lr=spec.lr, weight_decay=spec.weight_decay, betas=spec.betas)
+        return dict(lr=spec.lr, weight_decay=spec.weight_decay, betas=spec.betas, fused=True)
     raise UserError(f"optimizer.base: unknown base optimizer {base!r}; choose sgd or adam")
 
 
@@ -143,8 +171,9 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimi
     if spec.name in BASE_OPTIMIZERS:
         return BASE_OPTIMIZERS[spec.name](model.parameters(), **base_optimizer_kwargs(spec, spec.name))
     if spec.name in ("sam", "asam"):
+        kwargs = base_optimizer_kwargs(spec, spec.base)  # first: it names a bad base in one line
         return SAM(model.named_parameters(), BASE_OPTIMIZERS[spec.base], rho=spec.rho,
                    adaptive=spec.name == "asam", eta=spec.eta, adaptive_params=spec.adaptive_params,
-                   **base_optimizer_kwargs(spec, spec.base))
+                   **kwargs)
     raise UserError(f"optimizer.name: unknown optimizer {spec.name!r}; choose one of "
                     f"{', '.join(OPTIMIZER_NAMES)}")

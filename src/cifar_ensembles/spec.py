@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import UserError
-from .typed import from_data
+from .typed import from_data, to_data
 
 Dataset = Literal["cifar10", "cifar100", "fashion_mnist"]
 
@@ -109,6 +109,46 @@ class TrainingSpec:
     loss: LossSpec
     augment: AugmentSpec
     ema: EmaSpec
+
+
+def _keep(section, *names: str) -> dict:
+    return {name: to_data(getattr(section, name)) for name in names}
+
+
+def result_spec(spec: TrainingSpec) -> dict:
+    """The values that decide what a model learns: the training spec less the fields its own
+    choices leave unused (Adam's betas under SGD, ASL's gammas under cross-entropy, the EMA
+    decay with EMA off, ...). Training jobs rerun, and checkpoints resume, by this alone, so
+    changing a default that an experiment does not use retrains nothing."""
+    opt, sched, loss, aug, ema, model = (spec.optimizer, spec.scheduler, spec.loss, spec.augment,
+                                         spec.ema, spec.model)
+    base = opt.base if opt.name in ("sam", "asam") else opt.name
+    optimizer = _keep(opt, "name", "lr", "weight_decay",
+                      *(("momentum", "nesterov") if base == "sgd" else ("betas",)))
+    if opt.name in ("sam", "asam"):
+        adaptive = ("eta", "adaptive_params") if opt.name == "asam" else ()
+        optimizer.update(_keep(opt, "base", "rho", *adaptive))
+    warmup = ("warmup_start",) if sched.warmup_epochs else ()
+    scheduler = _keep(sched, "name", *{
+        "constant": (),
+        "step": ("interval", "step_size", "gamma"),
+        "cosine": ("interval", "min_lr", "warmup_epochs", *warmup),
+    }[sched.name])
+    augment = _keep(aug, "name", "mode", "normalize")
+    if aug.name != "none":
+        augment.update(_keep(aug, "pad", "flip", *(("pad_mode",) if aug.pad else ())))
+    if aug.name == "albumentations":
+        augment.update(_keep(aug, "cutout"))
+    return {
+        "precision": spec.precision, "epochs": spec.epochs, "batch_size": spec.batch_size,
+        "model": _keep(model, "name", *(("width",) if model.name == "resnet18_cifar"
+                                         else ("pretrained", "input_size"))),
+        "optimizer": optimizer, "scheduler": scheduler,
+        "loss": _keep(loss, "name", *(("gamma_pos", "gamma_neg", "eps") if loss.name == "asl"
+                                      else ("label_smoothing",))),
+        "augment": augment,
+        "ema": _keep(ema, "enabled", *(("decay", "warmup_steps") if ema.enabled else ())),
+    }
 
 
 # ------------------------------------------------------------------ how fast

@@ -12,7 +12,7 @@ except ImportError:  # snakemake from an environment without the package: use th
     sys.path.insert(0, os.path.join(workflow.basedir, "src"))
     from cifar_ensembles.configcheck import validate_config
 from cifar_ensembles.errors import UserError
-from cifar_ensembles.spec import PredictSpec
+from cifar_ensembles.spec import PredictSpec, result_spec
 from cifar_ensembles.typed import to_json
 
 # The schema, then what it cannot express, before any job runs; then the config resolved once
@@ -39,7 +39,12 @@ def seeds(experiment):
 
 
 def training_params(experiment):
-    """The training spec: what the model learns."""
+    """What the model learns: the training spec less what its own choices leave unused."""
+    return json.dumps(result_spec(SPEC.experiments[experiment].training), sort_keys=True)
+
+
+def training_spec(experiment):
+    """The whole training spec, for the job (its params are `training_params`)."""
     return to_json(SPEC.experiments[experiment].training)
 
 

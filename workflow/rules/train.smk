@@ -11,8 +11,8 @@ rule train:
         history="results/{experiment}/seed{seed}/history.csv",
         run="results/{experiment}/seed{seed}/run.yaml",
     params:
-        # the training spec: changing it retrains (and it is all that does)
-        spec=lambda wc: training_params(wc.experiment),
+        # what the model learns: changing it retrains (and it is all that does)
+        result=lambda wc: training_params(wc.experiment),
         out_dir=lambda wc: run_dir(wc.experiment, wc.seed),
         checkpoint=lambda wc: f"{run_dir(wc.experiment, wc.seed)}/checkpoint.pt",
         weights=lambda wc, input: f"--weights {input.weights}" if input.weights else "",
@@ -26,12 +26,15 @@ rule train:
         # A GPU has 8 slots; a job takes 8 / runtime.jobs_per_gpu of them (1, 2, 4 or 8 jobs
         # per GPU), so `--resources gpu_slots=8` per GPU runs jobs_per_gpu seeds on each.
         gpu_slots=lambda wc: gpu_slots(wc.experiment),
-        # the runtime spec: a resource, not a param, so that changing it reruns nothing
+        # the whole training spec (params.result is what decides the result: a field it leaves
+        # out, e.g. Adam's betas under SGD, reruns nothing) and the runtime spec (how fast):
+        # resources, not params, so that Snakemake does not compare them
+        training_spec=lambda wc: training_spec(wc.experiment),
         runtime_settings=lambda wc: runtime_settings(wc.experiment),
     conda:
         "../../envs/torch.yaml"
     shell:
-        "cifar-ensembles train --data {input.data} --spec {params.spec:q} "
+        "cifar-ensembles train --data {input.data} --spec {resources.training_spec:q} "
         "--runtime {resources.runtime_settings:q} --seed {wildcards.seed} --out-dir {params.out_dir} "
         "--checkpoint {params.checkpoint} --threads {threads} "
         "--name {wildcards.experiment}/seed{wildcards.seed} {params.weights} 2> {log}"

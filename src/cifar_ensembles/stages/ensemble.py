@@ -46,8 +46,9 @@ from ..spec import EnsembleSpec
 
 
 def read_labels(path) -> tuple[np.ndarray, np.ndarray]:
-    """Only the validation and test labels of data.npz (np.load reads arrays lazily, per key)."""
-    data = splits.load(path, ("y_val", "y_test"))
+    """Only the validation and test labels of data.npz (np.load reads arrays lazily, per key);
+    the class names come along, so that the labels are checked against them."""
+    data = splits.load(path, ("y_val", "y_test", "classes"))
     return data["y_val"], data["y_test"]
 
 
@@ -147,10 +148,13 @@ def ensemble_to_files(data_path, seeds, val_paths, test_paths, spec: EnsembleSpe
                       json_path) -> EnsembleSummary:
     if not (len(seeds) == len(val_paths) == len(test_paths)):
         raise UserError("ensemble: need one val and one test prediction file per seed")
-    y_val, y_test = read_labels(data_path)
+    data = splits.load(data_path, ("y_val", "y_test", "classes"))
+    y_val, y_test, n_classes = data["y_val"], data["y_test"], len(data["classes"])
     val = load_members(val_paths, len(y_val), "the validation split")
     test = load_members(test_paths, len(y_test), "the test split")
-    if val.shape[2] != test.shape[2]:
+    if val.shape[2] != n_classes:
+        raise UserError(f"{val_paths[0]}: {val.shape[2]} classes, but {data_path} has {n_classes}")
+    if test.shape[2] != val.shape[2]:
         raise UserError(f"{test_paths[0]}: {test.shape[2]} classes, but {val_paths[0]} has {val.shape[2]}")
     summary = analyse(list(seeds), val, y_val, test, y_test, spec)
     write_text(csv_path, first_k_csv(summary.first_k))

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..atomic import atomic_path, write_text  # noqa: E402
+from ..errors import UserError  # noqa: E402
 from ..formats import Comparisons, EnsembleSummary, read_benchmark_seconds, read_history  # noqa: E402
 from ..spec import PublishedSpec  # noqa: E402
 
@@ -168,9 +169,12 @@ def plot_reliability(ensemble_json, data_path, test_paths, experiment: str, out_
     from .ensemble import load_members, read_labels
 
     summary = EnsembleSummary.load(ensemble_json)
+    seeds = summary.seeds
+    if len(test_paths) != len(seeds):
+        raise UserError(f"reliability: {len(test_paths)} test probability files for the {len(seeds)} seeds "
+                        f"of {ensemble_json}")
     _, y_test = read_labels(data_path)
     probs = load_members(test_paths, len(y_test), "the test split")
-    seeds = summary.seeds
     best = seeds.index(summary.best_single_seed)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), dpi=dpi)
     single = summary.singles[best]

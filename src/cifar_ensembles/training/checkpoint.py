@@ -1,14 +1,15 @@
 """Which checkpoint a run may continue from: one written for the same result spec, seed and data.
 
-The fingerprint hashes exactly what decides the result: the training spec (`TrainingSpec`;
-runtime settings are not part of it, so a checkpoint resumes under other speed settings),
-the seed and the prepared split. A checkpoint that records a divergence stops a rerun with
+The fingerprint hashes exactly what decides the result: the result spec (`spec.result_spec`
+of the training spec; runtime settings are not part of it, so a checkpoint resumes under
+other speed settings), the seed and the prepared split. A checkpoint that records a divergence stops a rerun with
 the same fingerprint at once: the divergence would happen again, bit for bit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,8 +18,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..formats import Checkpoint
-from ..spec import TrainingSpec
-from ..typed import to_json
+from ..spec import TrainingSpec, result_spec
 
 
 class Diverged(UserError):
@@ -26,7 +26,7 @@ class Diverged(UserError):
 
 
 def fingerprint(spec: TrainingSpec, seed: int, data: dict) -> str:
-    h = hashlib.sha256(to_json({"spec": spec, "seed": seed}).encode())
+    h = hashlib.sha256(json.dumps({"spec": result_spec(spec), "seed": seed}, sort_keys=True).encode())
     for key in ("y_train", "y_val", "train_index", "val_index"):
         h.update(np.ascontiguousarray(data[key]).tobytes())
     return h.hexdigest()

@@ -126,6 +126,9 @@ class Trainer:
             parts.ema.load_state_dict(ckpt.ema)
         torch.set_rng_state(ckpt.torch_rng)
         progress = ckpt.progress
+        if ckpt.batch == 0:  # at an epoch boundary: the next epoch starts afresh (its lr, its sums)
+            self.position = Position(ckpt.epoch, 0, list(ckpt.history))
+            return
         self.position = Position(
             ckpt.epoch, ckpt.batch, list(ckpt.history),
             losses=progress.losses.to(self.device, torch.float32),
@@ -150,7 +153,7 @@ class Trainer:
                                 self.runtime.eval_batch_size, self.spec.precision)
         y = torch.as_tensor(self.data["y_val"])
         loss = float(self.parts.loss_fn(logits, y))
-        return loss, float((logits.argmax(1) == y).float().mean())
+        return loss, int((logits.argmax(1) == y).sum()) / len(y)
 
     def fit(self, checkpoint: str | os.PathLike | None = None) -> list[HistoryRow]:
         """Train to the last epoch; returns the history rows."""

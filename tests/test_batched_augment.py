@@ -1,6 +1,6 @@
-"""The batched input path (`augment.device: gpu`), tested on CPU tensors: shapes, exact
+"""The batched input path (`augment.mode: batched`), tested on CPU tensors: shapes, exact
 normalization, exact crop/flip/cutout given its random numbers, determinism and resuming,
-and the same distributions as the CPU pipelines (albumentations, torchvision).
+and the same distributions as the per-image pipelines (albumentations, torchvision).
 
 Offsets are read back exactly from a coordinate-encoding image: channel 0 holds row + 1,
 channel 1 column + 1, channel 2 is 255, so padding reads (0, 0, 0), a cutout hole reads
@@ -12,12 +12,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import training_spec
 from scipy import stats
 
 import cifar_ensembles  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE)
 from cifar_ensembles.augment import EpochBatches, build_train_transform
+from cifar_ensembles.batched_augment import BatchedAugment, DeviceBatches, epoch_generator
 from cifar_ensembles.errors import UserError
-from cifar_ensembles.gpu_augment import BatchedAugment, DeviceBatches, epoch_generator
 
 SIZE = 32
 ZERO, ONE = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]  # normalization that keeps x / 255
@@ -35,15 +36,25 @@ def to_pixels(x: torch.Tensor) -> np.ndarray:
     return np.rint(x.numpy() * 255.0).astype(np.uint8)
 
 
-def cpu_samples(spec: dict, n: int = SAMPLES, image=None) -> np.ndarray:
+def augment_spec(overrides: dict):
+    """config.yaml's augment section with `overrides`, for the batched path."""
+    return training_spec(augment={"mode": "batched", **overrides}).augment
+
+
+def batched(overrides: dict, size: int, mean, std, channels_last: bool = False) -> BatchedAugment:
+    """BatchedAugment on the CPU (the training device of these tests)."""
+    return BatchedAugment(augment_spec(overrides), size, mean, std, "cpu", channels_last)
+
+
+def per_image_samples(spec: dict, n: int = SAMPLES, image=None) -> np.ndarray:
     img = coord_image() if image is None else image
-    t = build_train_transform(spec, img.shape[0], ZERO[:img.shape[-1]], ONE[:img.shape[-1]])
+    t = build_train_transform(augment_spec(spec), img.shape[0], ZERO[:img.shape[-1]], ONE[:img.shape[-1]])
     return np.stack([to_pixels(t(img, 1000 + s)) for s in range(n)])
 
 
-def gpu_samples(spec: dict, n: int = SAMPLES, image=None, seed: int = 0) -> np.ndarray:
+def batched_samples(spec: dict, n: int = SAMPLES, image=None, seed: int = 0) -> np.ndarray:
     img = coord_image() if image is None else image
-    aug = BatchedAugment(spec, img.shape[0], ZERO[:img.shape[-1]], ONE[:img.shape[-1]])
+    aug = batched(spec, img.shape[0], ZERO[:img.shape[-1]], ONE[:img.shape[-1]])
     params = aug.draw(n, epoch_generator(seed, 0))
     out = aug.apply(torch.from_numpy(img[None]), torch.zeros(n, dtype=torch.long), params)
     return to_pixels(out)
@@ -111,55 +122,63 @@ def test_shapes_dtypes_and_memory_format(name, channels, size):
     imgs = torch.from_numpy(rng.integers(0, 256, (10, size, size, channels), dtype=np.uint8))
     mean, std = [0.4] * channels, [0.2] * channels
     index = torch.tensor([3, 1, 4, 1, 5, 9])
-    aug = BatchedAugment({"name": name}, size, mean, std)
+    aug = batched({"name": name}, size, mean, std)
     params = aug.draw(6, epoch_generator(0, 0))
     assert params.dtype == torch.int32 and params.shape == (6, aug.columns)
     out = aug.apply(imgs, index, params)
     assert out.dtype == torch.float32 and out.shape == (6, channels, size, size)
     assert out.is_contiguous() and torch.isfinite(out).all()
-    cl = BatchedAugment({"name": name}, size, mean, std, channels_last=True).apply(imgs, index, params)
+    cl = batched({"name": name}, size, mean, std, channels_last=True).apply(imgs, index, params)
     assert cl.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(cl, out)
 
 
-def test_defaults_are_the_cpu_pipelines_defaults():
-    """A spec without keys means what it means to the CPU pipelines (pad 4, flip, one 8x8 hole)."""
-    alb = BatchedAugment({"name": "albumentations"}, SIZE, ZERO, ONE)
+def test_config_defaults_mean_what_they_mean_to_the_per_image_pipelines():
+    """config.yaml's augment section means the same to both paths (pad 4, flip, one 8x8 hole)."""
+    alb = batched({"name": "albumentations"}, SIZE, ZERO, ONE)
     assert (alb.pad, alb.reflect, alb.flip, alb.holes, alb.hole, alb.cutout_p, alb.fill) == (
         4, False, True, 1, 8, 1.0, 0)
-    tv = BatchedAugment({"name": "torchvision"}, SIZE, ZERO, ONE)
+    tv = batched({"name": "torchvision"}, SIZE, ZERO, ONE)
     assert (tv.pad, tv.flip, tv.holes) == (4, True, 0)  # cutout belongs to the albumentations recipe
-    none = BatchedAugment({"name": "none", "pad": 4}, SIZE, ZERO, ONE)
+    none = batched({"name": "none", "pad": 4}, SIZE, ZERO, ONE)
     assert (none.pad, none.flip, none.holes) == (0, False, 0)
-    _, _, _, holes = decoded(gpu_samples({"name": "albumentations"}, 200))
+    _, _, _, holes = decoded(batched_samples({"name": "albumentations"}, 200))
     assert holes.any(axis=(1, 2)).all()
 
 
+def test_device_and_channels_last_are_required():
+    with pytest.raises(TypeError):
+        BatchedAugment(augment_spec({}), SIZE, ZERO, ONE)
+    with pytest.raises(TypeError):
+        BatchedAugment(augment_spec({}), SIZE, ZERO, ONE, "cpu")
+
+
 def test_unknown_name_and_bad_reflect_pad_are_user_errors():
-    with pytest.raises(UserError, match="augment.name"):
-        BatchedAugment({"name": "randaugment"}, 32, ZERO, ONE)
+    with pytest.raises(UserError, match="augment.name"):  # the config check
+        batched({"name": "randaugment"}, 32, ZERO, ONE)
     with pytest.raises(UserError, match="augment.pad"):
-        BatchedAugment({"name": "torchvision", "pad": 32, "pad_mode": "reflect"}, 32, ZERO, ONE)
+        batched({"name": "torchvision", "pad": 32, "pad_mode": "reflect"}, 32, ZERO, ONE)
 
 
 # ---------------------------------------------------------------------- normalization
 @pytest.mark.parametrize("channels,size", [(3, 32), (1, 28)])
-def test_normalization_is_bit_identical_to_the_cpu_pipelines(channels, size):
+def test_normalization_is_bit_identical_to_the_per_image_pipelines(channels, size):
     rng = np.random.default_rng(1)
     imgs = rng.integers(0, 256, (8, size, size, channels), dtype=np.uint8)
     mean, std = rng.uniform(0.2, 0.6, channels), rng.uniform(0.1, 0.4, channels)
     mean, std = mean.astype(np.float32), std.astype(np.float32)
-    reference = torch.stack([build_train_transform({"name": "none"}, size, mean, std)(im, 0) for im in imgs])
+    none = build_train_transform(augment_spec({"name": "none"}), size, mean, std)
+    reference = torch.stack([none(im, 0) for im in imgs])
     index = torch.arange(8)
     for spec in ({"name": "none"},
                  {"name": "torchvision", "pad": 0, "flip": False},
                  {"name": "albumentations", "pad": 0, "flip": False, "cutout": {"holes": 0}}):
-        aug = BatchedAugment(spec, size, mean, std)
+        aug = batched(spec, size, mean, std)
         out = aug.apply(torch.from_numpy(imgs), index, aug.draw(8, epoch_generator(0, 0)))
         assert torch.equal(out, reference), spec
-    # and the CPU pipelines without random steps agree (up to their own float rounding)
-    alb = build_train_transform({"name": "albumentations", "pad": 0, "flip": False, "cutout": {"holes": 0}},
-                                size, mean, std)
+    # and the per-image pipelines without random steps agree (up to their own float rounding)
+    alb = build_train_transform(augment_spec({"name": "albumentations", "pad": 0, "flip": False,
+                                              "cutout": {"holes": 0}}), size, mean, std)
     torch.testing.assert_close(torch.stack([alb(im, 0) for im in imgs]), reference, rtol=1e-5, atol=1e-5)
 
 
@@ -190,7 +209,7 @@ def reference_augment(img: np.ndarray, row: np.ndarray, aug: BatchedAugment) -> 
 def test_crop_flip_cutout_match_a_numpy_reference(spec):
     rng = np.random.default_rng(2)
     imgs = rng.integers(1, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
-    aug = BatchedAugment(spec, SIZE, ZERO, ONE)
+    aug = batched(spec, SIZE, ZERO, ONE)
     n = 64
     index = torch.from_numpy(rng.integers(0, 5, n))
     params = aug.draw(n, epoch_generator(3, 1))
@@ -201,7 +220,7 @@ def test_crop_flip_cutout_match_a_numpy_reference(spec):
 
 
 def test_cutout_fill_is_cast_to_uint8_like_albumentations():
-    aug = BatchedAugment({"name": "albumentations", "cutout": {"fill": 127.9}}, SIZE, ZERO, ONE)
+    aug = batched({"name": "albumentations", "cutout": {"fill": 127.9}}, SIZE, ZERO, ONE)
     assert aug.fill == int(np.array(127.9, dtype=np.uint8)) == 127
 
 
@@ -210,7 +229,7 @@ def device_batches(spec=None, n=40, batch=6, seed=0):
     rng = np.random.default_rng(4)
     imgs = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
     labels = np.arange(n)  # a label names its image: the batch order can be read back
-    aug = BatchedAugment(spec or {"name": "albumentations"}, 16, [0.5] * 3, [0.25] * 3)
+    aug = batched(spec or {"name": "albumentations"}, 16, [0.5] * 3, [0.25] * 3)
     return DeviceBatches(imgs, labels, aug, batch, seed, "cpu")
 
 
@@ -248,7 +267,7 @@ def test_resuming_at_a_batch_replays_exactly(start):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-def test_batch_order_is_the_cpu_samplers():
+def test_batch_order_is_the_per_image_samplers():
     db = device_batches()
     for epoch in (0, 1):
         got = [y.tolist() for _, y in collect(db, epoch)]
@@ -256,17 +275,17 @@ def test_batch_order_is_the_cpu_samplers():
         assert got == want
 
 
-# ------------------------------------------- same distributions as the CPU pipelines
+# ------------------------------------------- same distributions as the per-image pipelines
 @pytest.fixture(scope="module")
 def torchvision_pair():
     spec = {"name": "torchvision", "pad": 4, "flip": True}
-    return decoded(cpu_samples(spec)), decoded(gpu_samples(spec))
+    return decoded(per_image_samples(spec)), decoded(batched_samples(spec))
 
 
 @pytest.fixture(scope="module")
 def albumentations_pair():
     spec = {"name": "albumentations", "pad": 4, "flip": True, "cutout": {"holes": 1, "size": 8, "p": 1.0}}
-    return decoded(cpu_samples(spec)), decoded(gpu_samples(spec))
+    return decoded(per_image_samples(spec)), decoded(batched_samples(spec))
 
 
 SHIFTS = range(-4, 5)
@@ -274,25 +293,25 @@ SHIFTS = range(-4, 5)
 
 @pytest.mark.parametrize("pair", ["torchvision_pair", "albumentations_pair"])
 def test_crop_offsets_and_flip_rate_match(pair, request):
-    (cy, cx, cf, _), (gy, gx, gf, _) = request.getfixturevalue(pair)
-    for cpu, gpu in ((cy, gy), (cx, gx)):
-        assert same_distribution(cpu, gpu, SHIFTS) > P_MIN
+    (py, px, pf, _), (by, bx, bf, _) = request.getfixturevalue(pair)
+    for per_image, batch in ((py, by), (px, bx)):
+        assert same_distribution(per_image, batch, SHIFTS) > P_MIN
         # both uniform over the 2 * pad + 1 offsets 0..8 (shifts -4..4), every offset seen
-        assert uniform_pvalue(cpu, SHIFTS) > P_MIN and uniform_pvalue(gpu, SHIFTS) > P_MIN
-    assert abs(cf.mean() - 0.5) < 0.03 and abs(gf.mean() - 0.5) < 0.03
-    assert same_distribution(cf.astype(int), gf.astype(int), [0, 1]) > P_MIN
+        assert uniform_pvalue(per_image, SHIFTS) > P_MIN and uniform_pvalue(batch, SHIFTS) > P_MIN
+    assert abs(pf.mean() - 0.5) < 0.03 and abs(bf.mean() - 0.5) < 0.03
+    assert same_distribution(pf.astype(int), bf.astype(int), [0, 1]) > P_MIN
     # offsets and flip are drawn independently
-    assert stats.chi2_contingency(np.stack([counts(gy[gf], SHIFTS), counts(gy[~gf], SHIFTS)])).pvalue > P_MIN
+    assert stats.chi2_contingency(np.stack([counts(by[bf], SHIFTS), counts(by[~bf], SHIFTS)])).pvalue > P_MIN
 
 
 def test_visible_cutout_area_matches_with_padding(albumentations_pair):
     """The hole is drawn on the cropped image; where it covers padding it is not visible."""
-    (_, _, _, ch), (_, _, _, gh) = albumentations_pair
-    ca, ga = ch.sum((1, 2)), gh.sum((1, 2))
-    assert ca.max() == ga.max() == 64 and ca.min() > 0 and ga.min() > 0
-    assert abs(ca.mean() - ga.mean()) < 1.0
+    (_, _, _, ph), (_, _, _, bh) = albumentations_pair
+    pa, ba = ph.sum((1, 2)), bh.sum((1, 2))
+    assert pa.max() == ba.max() == 64 and pa.min() > 0 and ba.min() > 0
+    assert abs(pa.mean() - ba.mean()) < 1.0
     bins = [0, 40, 56, 63, 64]
-    assert same_distribution(np.digitize(ca, bins), np.digitize(ga, bins), range(1, 6)) > P_MIN
+    assert same_distribution(np.digitize(pa, bins), np.digitize(ba, bins), range(1, 6)) > P_MIN
 
 
 def hole_corners(samples: np.ndarray):
@@ -306,32 +325,32 @@ def hole_corners(samples: np.ndarray):
 
 def test_cutout_position_is_uniform_and_fully_inside_like_albumentations():
     spec = {"name": "albumentations", "pad": 0, "flip": False, "cutout": {"holes": 1, "size": 8, "p": 1.0}}
-    cy, cx, ca = hole_corners(cpu_samples(spec))
-    gy, gx, ga = hole_corners(gpu_samples(spec))
-    assert (ca == 64).all() and (ga == 64).all(), "one 8x8 hole, always entirely inside the image"
+    py, px, pa = hole_corners(per_image_samples(spec))
+    by, bx, ba = hole_corners(batched_samples(spec))
+    assert (pa == 64).all() and (ba == 64).all(), "one 8x8 hole, always entirely inside the image"
     corners = range(0, SIZE - 8 + 1)  # 0..24 inclusive
-    for cpu, gpu in ((cy, gy), (cx, gx)):
-        assert same_distribution(cpu, gpu, corners) > P_MIN
-        assert uniform_pvalue(cpu, corners) > P_MIN and uniform_pvalue(gpu, corners) > P_MIN
+    for per_image, batch in ((py, by), (px, bx)):
+        assert same_distribution(per_image, batch, corners) > P_MIN
+        assert uniform_pvalue(per_image, corners) > P_MIN and uniform_pvalue(batch, corners) > P_MIN
 
 
 def test_several_holes_and_cutout_probability_match():
     spec = {"name": "albumentations", "pad": 0, "flip": False,
             "cutout": {"holes": 2, "size": 6, "p": 0.5, "fill": 0}}
-    _, _, ca = hole_corners(cpu_samples(spec))
-    _, _, ga = hole_corners(gpu_samples(spec))
-    for area in (ca, ga):
+    _, _, pa = hole_corners(per_image_samples(spec))
+    _, _, ba = hole_corners(batched_samples(spec))
+    for area in (pa, ba):
         assert abs((area > 0).mean() - 0.5) < 0.04  # p = 0.5 for the whole transform
         assert set(np.unique(area)) <= {0} | set(range(36, 73))  # 1 or 2 overlapping 6x6 holes
-    assert abs(ca[ca > 0].mean() - ga[ga > 0].mean()) < 1.0  # overlaps: same mean area
+    assert abs(pa[pa > 0].mean() - ba[ba > 0].mean()) < 1.0  # overlaps: same mean area
     bins = [1, 60, 72, 73]
-    assert same_distribution(np.digitize(ca, bins), np.digitize(ga, bins), range(0, 4)) > P_MIN
+    assert same_distribution(np.digitize(pa, bins), np.digitize(ba, bins), range(0, 4)) > P_MIN
 
 
 def test_cutout_fill_value_matches_albumentations():
     spec = {"name": "albumentations", "pad": 0, "flip": False, "cutout": {"holes": 1, "size": 8, "fill": 100}}
     const = np.full((SIZE, SIZE, 3), 200, np.uint8)
-    for samples in (cpu_samples(spec, 20, const), gpu_samples(spec, 20, const)):
+    for samples in (per_image_samples(spec, 20, const), batched_samples(spec, 20, const)):
         assert set(np.unique(samples)) == {100, 200}
         assert ((samples == 100).sum((1, 2, 3)) == 3 * 64).all()
 
@@ -345,14 +364,14 @@ def test_reflect_padding_offsets_match_torchvision():
         # the centre pixel is never padding: its source row/col minus its position
         return samples[:, 0, 16, 16].astype(int) - 1 - 16, samples[:, 1, 16, 16].astype(int) - 1 - 16
 
-    (cy, cx), (gy, gx) = shifts(cpu_samples(spec, 2000)), shifts(gpu_samples(spec, 2000))
-    for cpu, gpu in ((cy, gy), (cx, gx)):
-        assert same_distribution(cpu, gpu, SHIFTS) > P_MIN
+    (py, px), (by, bx) = shifts(per_image_samples(spec, 2000)), shifts(batched_samples(spec, 2000))
+    for per_image, batch in ((py, by), (px, bx)):
+        assert same_distribution(per_image, batch, SHIFTS) > P_MIN
 
 
 def test_the_comparison_detects_a_wrong_offset_range():
     """Power check: a pipeline padding by 5 instead of 4 is told apart."""
     spec = {"name": "torchvision", "pad": 4, "flip": True}
-    cy, _, _, _ = decoded(cpu_samples(spec, 1500))
-    wy, _, _, _ = decoded(gpu_samples({**spec, "pad": 5}, 1500))
-    assert same_distribution(cy, wy, range(-5, 6)) < 1e-6
+    py, _, _, _ = decoded(per_image_samples(spec, 1500))
+    wy, _, _, _ = decoded(batched_samples({**spec, "pad": 5}, 1500))
+    assert same_distribution(py, wy, range(-5, 6)) < 1e-6

@@ -1,0 +1,254 @@
+"""The config model: shipped configs resolve to exactly what their files say, typed checks give
+one-line errors, the result spec keeps what decides a result, and no default lives outside
+config.yaml."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, SCHEMA, TEST_CONFIGS, tiny_spec, training_spec
+
+from cifar_ensembles.configcheck import validate_config
+from cifar_ensembles.errors import UserError
+from cifar_ensembles.spec import (
+    EXPERIMENT_OWN_KEYS,
+    RuntimeSpec,
+    TrainingSpec,
+    deep_merge,
+    load_config,
+    resolve,
+    result_spec,
+)
+from cifar_ensembles.typed import from_data, from_json, to_data, to_json
+
+CONFIG_FILES = {
+    "config.yaml": [],
+    "presets/demo.yaml": [ROOT / "presets/demo.yaml"],
+    "presets/from-scratch.yaml": [ROOT / "presets/from-scratch.yaml"],
+    ".test/cifar10-tiny.yaml": [TEST_CONFIGS / "cifar10-tiny.yaml"],
+    ".test/fashion-mnist-tiny.yaml": [TEST_CONFIGS / "fashion-mnist-tiny.yaml"],
+}
+
+
+def yaml_files(extra: list[Path]) -> list[dict]:
+    return [yaml.safe_load(p.read_text()) for p in [ROOT / "config.yaml", *extra]]
+
+
+@pytest.mark.parametrize("name", list(CONFIG_FILES))
+def test_every_shipped_config_resolves_to_what_its_files_say(name):
+    """Merge the YAML files by hand, then compare every experiment's resolved spec with it."""
+    files = yaml_files(CONFIG_FILES[name])
+    merged: dict = {}
+    for f in files:
+        merged = deep_merge(merged, f)
+    spec = validate_config(load_config(*CONFIG_FILES[name]), SCHEMA)
+    assert set(spec.experiments) == set(merged["experiments"])
+    for experiment, resolved in spec.experiments.items():
+        own = merged["experiments"][experiment]
+        overrides = {k: v for k, v in own.items() if k not in EXPERIMENT_OWN_KEYS}
+        training = deep_merge(merged["training"], overrides)
+        runtime = deep_merge(merged["runtime"], own.get("runtime") or {})
+        assert to_data(resolved.training) == normalized(training)
+        assert to_data(resolved.runtime) == normalized(runtime)
+        assert list(resolved.seeds) == own["seeds"]
+    for section in ("data", "ensemble", "pretrained_weights"):
+        assert to_data(getattr(spec, section)) == normalized(merged[section])
+    assert spec.dataset == merged["dataset"]
+    assert spec.report.dpi == merged["report"]["dpi"]
+
+
+def normalized(value):
+    """YAML values as the specs hold them: ints in float fields compare equal, tuples as lists."""
+    if isinstance(value, dict):
+        return {k: normalized(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [normalized(v) for v in value]
+    return value
+
+
+def test_training_and_runtime_share_no_key():
+    config = load_config()
+    assert not set(config["training"]) & set(config["runtime"])
+    assert {f.name for f in dataclasses.fields(TrainingSpec)} == set(config["training"])
+    assert {f.name for f in dataclasses.fields(RuntimeSpec)} == set(config["runtime"])
+
+
+def test_the_demo_preset_resolves_its_experiment_overrides():
+    spec = resolve(load_config(ROOT / "presets/demo.yaml"))
+    sam = spec.experiments["single_asam"].training
+    assert sam.optimizer.name == "sam" and sam.optimizer.rho == 0.05 and sam.optimizer.lr == 0.05
+    assert sam.optimizer.eta == 0.01  # config.yaml's default, not the library's
+    assert sam.model.width == 16 and spec.experiments["single_asam"].runtime.device == "cpu"
+
+
+# ------------------------------------------------------------------ typed checks
+def test_missing_unknown_and_mistyped_fields_are_named():
+    good = to_data(tiny_spec())
+    with pytest.raises(UserError, match=r"^t\.optimizer\.lr: missing$"):
+        from_data(TrainingSpec, deep_merge(good, {"optimizer": {}}) | {
+            "optimizer": {k: v for k, v in good["optimizer"].items() if k != "lr"}}, "t")
+    with pytest.raises(UserError, match=r"^t\.loss\.gama: unknown key \(allowed: name, "):
+        from_data(TrainingSpec, deep_merge(good, {"loss": {"gama": 1}}), "t")
+    with pytest.raises(UserError, match=r"^t\.epochs: expected an integer, got \"3\"$"):
+        from_data(TrainingSpec, deep_merge(good, {"epochs": "3"}), "t")
+    with pytest.raises(UserError, match=r"^t\.ema\.enabled: expected true or false, got 1$"):
+        from_data(TrainingSpec, deep_merge(good, {"ema": {"enabled": 1}}), "t")
+    with pytest.raises(UserError, match=r"^t\.optimizer\.betas: expected 2 values, got 3$"):
+        from_data(TrainingSpec, deep_merge(good, {"optimizer": {"betas": [0.9, 0.99, 0.999]}}), "t")
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_numbers_are_refused(value):
+    with pytest.raises(UserError, match=r"optimizer\.lr: expected a finite number"):
+        from_data(TrainingSpec, deep_merge(to_data(tiny_spec()), {"optimizer": {"lr": value}}), "t")
+    with pytest.raises(UserError, match=r"--spec\.optimizer\.lr: expected a finite number"):
+        from_json(TrainingSpec, to_json(tiny_spec()).replace('"lr":0.05', '"lr":NaN'), "--spec")
+
+
+def test_literals_are_type_exact():
+    """`jobs_per_gpu: true` is not 1, and `compile: 1` is not true."""
+    runtime = to_data(from_data(RuntimeSpec, load_config()["runtime"]))
+    with pytest.raises(UserError, match="jobs_per_gpu"):
+        from_data(RuntimeSpec, {**runtime, "jobs_per_gpu": True})
+    with pytest.raises(UserError, match="compile"):
+        from_data(RuntimeSpec, {**runtime, "compile": 1})
+    assert from_data(RuntimeSpec, {**runtime, "compile": "reduce-overhead"}).compile == "reduce-overhead"
+
+
+def test_json_round_trip_is_exact():
+    spec = training_spec(optimizer={"name": "asam", "lr": 0.1})
+    assert from_json(TrainingSpec, to_json(spec)) == spec
+    assert to_json(spec) == to_json(from_json(TrainingSpec, to_json(spec)))
+
+
+# ------------------------------------------------------------------ the result spec
+def leaf_paths(data, prefix=()):
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from leaf_paths(value, (*prefix, key))
+    else:
+        yield prefix
+
+
+def changed(value):
+    if value is None:  # model.input_size
+        return 64
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1 if isinstance(value, int) else value * 0.5 + 0.001
+    if isinstance(value, list):
+        return [v * 0.5 for v in value]
+    return value + "x"
+
+
+def with_leaf(data: dict, path: tuple, value) -> dict:
+    if len(path) == 1:
+        return {**data, path[0]: value}
+    return {**data, path[0]: with_leaf(data[path[0]], path[1:], value)}
+
+
+CHOICES = {
+    "sgd-ce": dict(optimizer={"name": "sgd"}, loss={"name": "cross_entropy"},
+                   scheduler={"name": "constant"}),
+    "adam-asl-step": dict(optimizer={"name": "adam"}, scheduler={"name": "step"}, augment={"name": "none"}),
+    "asam-cosine-ema": dict(optimizer={"name": "asam", "base": "sgd"}, ema={"enabled": True},
+                            scheduler={"name": "cosine", "warmup_epochs": 1},
+                            augment={"name": "albumentations"}),
+    "sam-adam": dict(optimizer={"name": "sam", "base": "adam"}, augment={"name": "torchvision", "pad": 0}),
+}
+
+
+@pytest.mark.parametrize("choice", list(CHOICES))
+def test_result_spec_changes_exactly_when_a_used_field_changes(choice):
+    """Change every leaf of the training spec in turn: the result spec changes iff it holds the leaf."""
+    spec = tiny_spec(**CHOICES[choice])
+    base = to_data(spec)
+    key = result_spec(spec)
+    for path in leaf_paths(base):
+        node = key
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        value = base
+        for part in path:
+            value = value[part]
+        if isinstance(value, str):
+            continue  # names choose the branch; covered by the choices above
+        other = result_spec(from_data(TrainingSpec, with_leaf(base, path, changed(value))))
+        assert (other != key) == (node is not None), f"{'.'.join(path)} under {choice}"
+
+
+def test_result_spec_keeps_the_branch_names():
+    assert result_spec(tiny_spec(optimizer={"name": "sam"}))["optimizer"]["name"] == "sam"
+    assert "betas" not in result_spec(tiny_spec(optimizer={"name": "sgd"}))["optimizer"]
+    sam_adam = result_spec(tiny_spec(optimizer={"name": "sam", "base": "adam"}))
+    assert sam_adam["optimizer"]["betas"] == [0.9, 0.999]
+
+
+# ------------------------------------------------------------------ one place for defaults
+def config_keys() -> set[str]:
+    config = load_config()
+    keys = set()
+    for section in ("data", "training", "runtime", "ensemble", "report", "pretrained_weights"):
+        keys |= {path[-1] for path in leaf_paths(config[section])}
+        keys |= {k for k in config[section]}
+    return keys - {"name"}  # `name` is everywhere (experiment names, argparse) and never defaulted
+
+
+def test_no_library_function_defaults_a_config_key():
+    """grep, made exact: no parameter named like a config key has a default value, and no
+    `.get("<config key>", default)` exists in the package."""
+    keys = config_keys()
+    found = []
+    for path in sorted((ROOT / "src" / "cifar_ensembles").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                positional = [*args.posonlyargs, *args.args]
+                defaulted = positional[len(positional) - len(args.defaults):]
+                defaulted += [a for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+                for arg in defaulted:
+                    default = _default_of(args, arg)
+                    is_none = isinstance(default, ast.Constant) and default.value is None
+                    if arg.arg in keys and not is_none:
+                        found.append(f"{path.name}:{node.lineno} {node.name}({arg.arg}=...)")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "get" and len(node.args) == 2
+                    and isinstance(node.args[0], ast.Constant) and node.args[0].value in keys):
+                found.append(f"{path.name}:{node.lineno} .get({node.args[0].value!r}, ...)")
+    assert not found, "config defaults outside config.yaml: " + "; ".join(found)
+
+
+def _default_of(args: ast.arguments, arg: ast.arg):
+    positional = [*args.posonlyargs, *args.args]
+    if arg in positional:
+        return args.defaults[positional.index(arg) - (len(positional) - len(args.defaults))]
+    return args.kw_defaults[args.kwonlyargs.index(arg)]
+
+
+def test_the_schema_has_no_defaults():
+    assert "default:" not in SCHEMA.read_text()
+
+
+def test_the_cli_has_no_defaults_for_config_values():
+    from cifar_ensembles.cli import build_parser
+
+    parser = build_parser()
+    keys = config_keys() | {"spec", "runtime", "dpi", "ece_bins", "published", "threads"}
+    defaults = []
+    for action in parser._subparsers._group_actions[0].choices.values():
+        stack = [action]
+        while stack:
+            sub = stack.pop()
+            for a in sub._actions:
+                if getattr(a, "choices", None) and isinstance(a.choices, dict):
+                    stack.extend(a.choices.values())
+                elif a.dest in keys and a.default is not None:
+                    defaults.append(f"{sub.prog} --{a.dest}")
+    assert not defaults, defaults
