@@ -192,11 +192,11 @@ class FakeCompiled(torch.nn.Module):
         super().__init__()
         self.module, self.fail, self.calls = module, fail, 0
 
-    def forward(self, x):
+    def forward(self, *inputs):
         self.calls += 1
         if self.fail:
             raise RuntimeError("inductor exploded\nsecond line of a long traceback")
-        return self.module(x)
+        return self.module(*inputs)
 
 
 @pytest.fixture
@@ -219,12 +219,12 @@ def test_compile_is_wired_and_reduce_overhead_needs_cuda(fake_compile, value, mo
     run = trainer(tiny_spec(epochs=1), make_data(), 0, runtime=tiny_runtime(compile=value))
     assert run.parts.compile_mode == mode
     if mode is None:
-        assert calls == [] and run.parts.step_model is run.model
+        assert calls == [] and run.parts.step_model.model is run.model
         assert run.effective()["compile"] is False
         return
     assert calls[0] == mode  # on a CPU reduce-overhead (CUDA graphs) falls back to the default mode
     wrapper = calls[1]
-    assert run.parts.step_model is wrapper
+    assert run.parts.step_model is wrapper and wrapper.module.model is run.model  # the loss is inside
     run.fit()
     assert wrapper.calls == run.steps_per_epoch  # every training step runs the compiled module
     # the saved weights keep plain keys (not the compiled wrapper's _orig_mod. prefix)

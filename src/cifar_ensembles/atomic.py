@@ -1,6 +1,8 @@
 """Atomic file writes: write to a temporary name in the same folder, then rename.
 
-A reader (or Snakemake after a crash) never sees a half-written model, array or figure.
+A reader (or Snakemake after a crash) never sees a half-written model, array or figure, and
+a write that fails (a full disk, a quota) removes its temporary file and ends in one line
+naming the file, not a traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
+
 
 def current_umask() -> int:
     mask = os.umask(0)
@@ -25,16 +29,19 @@ def current_umask() -> int:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs are shared like any file
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        tmp_path = Path(tmp)
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs are shared like any file
+        os.close(fd)
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as err:
+        raise UserError(f"{path}: cannot write: {err.strerror or err}") from None
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 
@@ -63,4 +70,8 @@ def torch_save(path: str | os.PathLike, obj) -> None:
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:  # torch's zip writer reports a failed write this way
+            first = str(err).splitlines()[0][:120]
+            raise OSError(f"torch.save failed ({first}); is the disk full?") from None

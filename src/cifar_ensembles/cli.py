@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 
 from .errors import UserError
@@ -23,11 +22,20 @@ SPEC_OF = {"download": "SourceSpec", "download-weights": "WeightsSpec", "prepare
            "train": "TrainingSpec", "predict": "PredictSpec", "ensemble": "EnsembleSpec"}
 
 
-def _json_arg(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
+# The shapes of the JSON file maps the rules pass, checked like specs.
+FILES_BY_EXPERIMENT = dict[str, str]  # {experiment: ensemble.json}
+RUN_FILES = dict[str, dict[str, dict[str, str]]]  # {experiment: {seed: {benchmark: tsv, history: csv}}}
+PROBS_BY_SEED = dict[str, dict[str, str]]  # {experiment: {seed: probs_test.npy}}
+
+
+def _files(tp, text: str, option: str):
+    """A JSON map of files (`option`'s value), checked against its shape in one line."""
+    from .typed import from_json
+
+    value = from_json(tp, text, option)
+    if not value:
+        raise UserError(f"{option}: names no experiment")
+    return value
 
 
 def _spec(tp_name: str, text: str, option: str = "--spec"):
@@ -95,7 +103,7 @@ def cmd_ensemble(a) -> None:
 def cmd_compare(a) -> None:
     from .stages.ensemble import compare_to_files
 
-    compare_to_files(a.experiments, a.data, a.out)
+    compare_to_files(_files(PROBS_BY_SEED, a.experiments, "--experiments"), a.data, a.out)
 
 
 def _published(text: str, one_experiment: bool):
@@ -117,11 +125,15 @@ def cmd_report(a) -> None:
     elif a.what == "reliability":
         report.plot_reliability(a.summary, a.data, a.test, a.experiment, a.out, a.ece_bins, a.dpi)
     elif a.what == "accuracy":
-        report.plot_accuracy_bars(a.experiments, a.out, a.dpi)
+        report.plot_accuracy_bars(_files(FILES_BY_EXPERIMENT, a.experiments, "--experiments"), a.out, a.dpi)
     elif a.what == "cost":
-        report.plot_cost(a.runs, a.out, a.dpi)
+        report.plot_cost(_files(RUN_FILES, a.runs, "--runs"), a.out, a.dpi)
     else:
-        report.write_summary(a.experiments, a.runs, a.comparisons, _published(a.published, False), *a.out)
+        experiments = _files(FILES_BY_EXPERIMENT, a.experiments, "--experiments")
+        runs = _files(RUN_FILES, a.runs, "--runs")
+        if set(runs) != set(experiments):
+            raise UserError("--runs: must name the same experiments as --experiments")
+        report.write_summary(experiments, runs, a.comparisons, _published(a.published, False), *a.out)
 
 
 def _add_report_parsers(sub) -> None:
@@ -148,13 +160,13 @@ def _add_report_parsers(sub) -> None:
     s.add_argument("--test", nargs="+", required=True, help="probs_test.npy per seed, in seed order")
     s.add_argument("--ece-bins", type=int, required=True)
     s = figure("accuracy", "single vs ensemble accuracy per experiment")
-    s.add_argument("--experiments", type=_json_arg, required=True, help="{name: ensemble.json}")
+    s.add_argument("--experiments", required=True, help="{name: ensemble.json}")
     s = figure("cost", "cost per model")
-    s.add_argument("--runs", type=_json_arg, required=True,
+    s.add_argument("--runs", required=True,
                    help="{name: {seed: {benchmark: tsv, history: csv}}}")
     s = what.add_parser("summary", help="summary.md and summary.csv")
-    s.add_argument("--experiments", type=_json_arg, required=True, help="{name: ensemble.json}")
-    s.add_argument("--runs", type=_json_arg, required=True)
+    s.add_argument("--experiments", required=True, help="{name: ensemble.json}")
+    s.add_argument("--runs", required=True)
     s.add_argument("--comparisons", required=True, help="comparisons.json")
     s.add_argument("--published", required=True, help="report.published (JSON)")
     s.add_argument("--out", nargs=2, required=True, metavar=("MD", "CSV"))
@@ -219,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("compare", help="paired McNemar tests between experiments that share seeds")
     s.add_argument("--data", required=True)
-    s.add_argument("--experiments", required=True, type=_json_arg, help="{name: {seed: probs_test.npy}}")
+    s.add_argument("--experiments", required=True, help="{name: {seed: probs_test.npy}}")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_compare)
 

@@ -178,7 +178,8 @@ def claim_gpu(gpus: int | Sequence[str], lock_dir_path: str | os.PathLike | None
         time.sleep(poll_seconds)
 
 
-def release_gpu(gpus: int | Sequence[str], index: int, lock_dir_path: str | os.PathLike | None = None) -> None:
+def release_gpu(gpus: int | Sequence[str], index: int,
+                lock_dir_path: str | os.PathLike | None = None) -> None:
     """Give a claimed GPU back before the process ends (the process's exit does it otherwise)."""
     _close(_held.pop((str(lock_dir(lock_dir_path)), _keys(gpus)[index]), []))
 

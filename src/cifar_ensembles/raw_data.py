@@ -1,17 +1,17 @@
 """The raw dataset files: fetch them into a folder, checksum first, and read them back as
 uint8 arrays (`splits` turns those into the prepared data.npz).
 
-Downloads go through torchvision's own helpers (`download_and_extract_archive` with the
-MD5 torchvision publishes). Offline machines name a local archive or folder instead
-(`data.source`); the same checksum applies. Pickled CIFAR batches are only read from a
-folder this module filled after the archive's checksum matched.
+Downloads go through torchvision's own helpers (`download_url` with the MD5 torchvision
+publishes). Offline machines name a local archive or folder instead (`data.source`); the
+same checksum applies, or the user's own (`data.md5`). Either way the archive is extracted
+by `safe_archive` (nothing outside its folder) and its pickled batches are read by
+`safe_pickle` (plain data only, no code), then checked for type and shape.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
-import pickle
 import shutil
 import tempfile
 import zlib
@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 from torchvision import datasets as tvd
-from torchvision.datasets.utils import check_integrity, download_and_extract_archive, extract_archive
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive, download_url
 
 from .atomic import current_umask
 from .errors import UserError
+from .safe_archive import extract_tar
+from .safe_pickle import load_plain_pickle
 
 
 @dataclass(frozen=True)
@@ -95,27 +97,29 @@ def fetch(dataset: str, out_dir: str | os.PathLike, source: str | None = None,
 
 
 def _fetch_cifar(spec: CifarSpec, staging: Path, source, url, md5) -> None:
+    """The archive (downloaded or local), its MD5 checked, extracted safely into `staging`."""
     md5 = md5 or spec.md5
     if source is None:
-        try:
-            download_and_extract_archive(url or spec.url, str(staging), filename=spec.filename, md5=md5)
+        url = url or spec.url
+        try:  # torchvision's download, with its MD5 check
+            download_url(url, str(staging), filename=spec.filename, md5=md5)
         except RuntimeError as err:  # torchvision raises RuntimeError on an MD5 mismatch
-            raise UserError(f"data.url: {url or spec.url}: {err}") from None
+            raise UserError(f"data.url: {url}: {err}") from None
         except OSError as err:
-            raise UserError(f"data.url: cannot download {url or spec.url}: {err}") from None
-        return
-    archive = Path(source)
-    if archive.is_dir():
-        archive = archive / spec.filename
-    if not archive.is_file():
-        raise UserError(f"data.source: {source}: no such archive (expected {spec.filename})")
-    if not check_integrity(str(archive), md5):
-        raise UserError(f"data.source: {archive}: checksum mismatch (expected MD5 {md5}); "
-                        "the archive is corrupt, truncated or not the expected dataset")
-    try:
-        extract_archive(str(archive), str(staging))
-    except Exception as err:  # tarfile raises several kinds on a broken archive
-        raise UserError(f"data.source: {archive}: cannot extract: {err}") from None
+            raise UserError(f"data.url: cannot download {url}: {err}") from None
+        archive, where = staging / spec.filename, "data.url"
+    else:
+        archive, where = Path(source), "data.source"
+        if archive.is_dir():
+            archive = archive / spec.filename
+        if not archive.is_file():
+            raise UserError(f"data.source: {source}: no such archive (expected {spec.filename})")
+        if not check_integrity(str(archive), md5):
+            raise UserError(f"data.source: {archive}: checksum mismatch (expected MD5 {md5}); "
+                            "the archive is corrupt, truncated or not the expected dataset")
+    extract_tar(archive, staging, where)
+    if source is None:
+        archive.unlink()
 
 
 def _fetch_fashion_mnist(staging: Path, source, url, md5) -> None:
@@ -160,37 +164,59 @@ def load_raw(dataset: str, raw_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     return _load_fashion_mnist(raw_dir)
 
 
-def _unpickle(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path}: missing from the extracted archive")
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except Exception as err:
-        raise UserError(f"{path}: not a CIFAR batch: {err}") from None
+def _batch(path: Path, keys: tuple[str, ...]) -> dict:
+    """A pickled CIFAR dict, read without running code, with `keys` present."""
+    batch = load_plain_pickle(path)
+    if not isinstance(batch, dict):
+        raise UserError(f"{path}: not a CIFAR batch: a {type(batch).__name__}, not a dict")
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    for key in keys:
+        if key not in batch:
+            raise UserError(f"{path}: CIFAR batch without key {key!r}")
+    return batch
+
+
+def _pixels(value, path: Path) -> np.ndarray:
+    if not (isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 2
+            and value.shape[1] == 3072):
+        shown = f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+        raise UserError(f"{path}: 'data' must be a uint8 N x 3072 array, got {shown}")
+    return value
+
+
+def _labels(value, path: Path, key: str) -> np.ndarray:
+    if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iu":
+        return value.astype(np.int64)
+    if isinstance(value, list) and all(type(v) is int for v in value):
+        return np.asarray(value, dtype=np.int64).reshape(-1)
+    raise UserError(f"{path}: {key!r} must be a list of integer labels")
 
 
 def _cifar_batches(spec: CifarSpec, folder: Path, names) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for name in names:
-        batch = _unpickle(folder / name)
-        try:
-            data = np.asarray(batch["data"], dtype=np.uint8)
-            labels = np.asarray(batch[spec.label_key], dtype=np.int64)
-        except KeyError as err:
-            raise UserError(f"{folder / name}: CIFAR batch without key {err}") from None
-        if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-            raise UserError(f"{folder / name}: expected N x 3072 pixels and N labels, "
-                            f"got {data.shape} and {labels.shape}")
+        path = folder / name
+        batch = _batch(path, ("data", spec.label_key))
+        data, labels = _pixels(batch["data"], path), _labels(batch[spec.label_key], path, spec.label_key)
+        if len(labels) != len(data):
+            raise UserError(f"{path}: {len(data)} images but {len(labels)} labels")
         xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         ys.append(labels)
     return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
 
 
+def _class_names(spec: CifarSpec, folder: Path) -> list[str]:
+    path = folder / spec.meta_file
+    names = _batch(path, (spec.names_key,))[spec.names_key]
+    if not (isinstance(names, list) and names and all(isinstance(n, (str, bytes)) for n in names)):
+        raise UserError(f"{path}: {spec.names_key!r} must be a list of class names")
+    return [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
+
+
 def _load_cifar(spec: CifarSpec, folder: Path) -> dict[str, np.ndarray]:
     x_train, y_train = _cifar_batches(spec, folder, spec.train_files)
     x_test, y_test = _cifar_batches(spec, folder, spec.test_files)
-    classes = [str(c) for c in _unpickle(folder / spec.meta_file)[spec.names_key]]
+    classes = _class_names(spec, folder)
     return _checked(dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
                          classes=np.array(classes)), folder)
 

@@ -52,8 +52,13 @@ def _stack(histories, column):
 
 
 def _band(ax, x, values, color, label, linestyle="-"):
+    """Mean over seeds with a min-max band, on the epochs that have values (validation may
+    run every few epochs only: runtime.eval_every_epochs)."""
+    measured = ~np.all(np.isnan(values), axis=0)
+    x, values = x[measured], values[:, measured]
     mean = np.nanmean(values, axis=0)
-    ax.plot(x, mean, color=color, linestyle=linestyle, label=label, linewidth=1.8)
+    ax.plot(x, mean, color=color, linestyle=linestyle, label=label, linewidth=1.8,
+            marker="o" if len(x) < len(measured) else None, markersize=3)
     if len(values) > 1:
         ax.fill_between(x, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=color,
                         alpha=0.18, linewidth=0)

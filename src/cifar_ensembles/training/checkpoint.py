@@ -2,8 +2,9 @@
 
 The fingerprint hashes exactly what decides the result: the result spec (`spec.result_spec`
 of the training spec; runtime settings are not part of it, so a checkpoint resumes under
-other speed settings), the seed and the prepared split. A checkpoint that records a divergence stops a rerun with
-the same fingerprint at once: the divergence would happen again, bit for bit.
+other speed settings), the seed and the prepared split. A checkpoint that records a
+divergence stops a rerun with the same fingerprint at once: the divergence would happen
+again, bit for bit.
 """
 
 from __future__ import annotations

@@ -40,10 +40,23 @@ def resolve_compile(value, device: torch.device) -> str | None:
     return mode
 
 
+class NetworkWithLoss(nn.Module):
+    """The network and its loss as one module: (x, y) -> (loss, logits). torch.compile then
+    graphs the loss with the forward and backward passes (and CUDA graphs replay all three)."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return self.loss_fn(logits.float(), y), logits
+
+
 @dataclass
 class Components:
     model: nn.Module  # the network; its state_dict has the plain keys
-    step_model: nn.Module  # what runs training steps: the model or its compiled wrapper
+    step_model: nn.Module  # what runs training steps: NetworkWithLoss, or its compiled wrapper
     compile_mode: str | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -75,8 +88,11 @@ def build_components(spec: TrainingSpec, runtime: RuntimeSpec, model: nn.Module,
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
     compile_mode = resolve_compile(runtime.compile, device)
-    step_model = model if compile_mode is None else torch.compile(model, mode=compile_mode)
+    loss_fn = build_loss(spec.loss)
+    step_model = NetworkWithLoss(model, loss_fn)
+    if compile_mode is not None:
+        step_model = torch.compile(step_model, mode=compile_mode)
     optimizer = build_optimizer(model, spec.optimizer)
     scheduler = build_scheduler(optimizer, spec.scheduler, spec.epochs, steps_per_epoch)
     ema = make_ema(model, spec.ema.decay, spec.ema.warmup_steps) if spec.ema.enabled else None
-    return Components(model, step_model, compile_mode, optimizer, scheduler, build_loss(spec.loss), ema)
+    return Components(model, step_model, compile_mode, optimizer, scheduler, loss_fn, ema)

@@ -58,6 +58,9 @@ class Trainer:
         self.spec, self.runtime, self.data, self.seed = spec, runtime, data, seed
         self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
         torch.set_num_threads(max(int(threads), 1))
+        for name in ("eval_every_epochs", "checkpoint_every_epochs", "eval_batch_size"):
+            if getattr(runtime, name) < 1:
+                raise UserError(f"runtime.{name}: {getattr(runtime, name)} must be at least 1")
         self.device = resolve_device(runtime.device)
         autocast(self.device, spec.precision)  # validates the name early
         if self.device.type == "cuda":
@@ -203,8 +206,9 @@ class Trainer:
                 if checkpoint is not None:
                     self.save_checkpoint(checkpoint)
                 if stop.received is not None:
-                    raise Preempted(f"signal {stop.received} at epoch {p.epoch + 1}, batch {p.batch}: "
-                                    f"checkpoint written to {checkpoint}")
+                    saved = f"checkpoint written to {checkpoint}" if checkpoint else "no checkpoint"
+                    raise Preempted(f"signal {stop.received} at epoch {p.epoch + 1}, "
+                                    f"batch {p.batch}: {saved}")
         self._add_time(start, wait)
         if sys.stderr.isatty():
             print(file=sys.stderr)

@@ -1,0 +1,77 @@
+"""Read CIFAR's pickled batches without running code: an unpickler that builds plain data only.
+
+The CIFAR archives hold Python pickles, and a pickle can call any importable function
+while it loads. A user's own archive (`data.source` with `data.md5`) is vouched for by no
+published checksum, so every batch is read with an unpickler that resolves exactly the
+globals the real archives need (numpy's array reconstruction, `numpy.ndarray`,
+`numpy.dtype` without object fields, and the `_codecs.encode` that Python 3's protocol 2
+uses for bytes) and refuses any other with a one-line error naming the file. Dicts, lists,
+tuples, text, bytes and numbers come from pickle opcodes, which need no globals.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+
+import numpy as np
+
+from .errors import UserError
+
+try:  # numpy 2 moved numpy.core to numpy._core (pickles name either)
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct
+
+
+def _dtype(*args):
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("an array of Python objects")
+    return dtype
+
+
+def _encode(text, encoding="utf-8"):
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _dtype,
+    ("_codecs", "encode"): _encode,
+}
+
+
+class PlainDataUnpickler(pickle.Unpickler):
+    """Resolves only the globals in ALLOWED; any other is refused before it is imported."""
+
+    def find_class(self, module: str, name: str):
+        found = ALLOWED.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"refuses {module}.{name}")
+        return found
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refuses persistent ids")
+
+
+def load_plain_pickle(path: str | os.PathLike, what: str = "CIFAR batch"):
+    """The plain data pickled in `path` (latin1 for Python 2's str, as torchvision reads CIFAR)."""
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing from the extracted archive") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read: {err.strerror}") from None
+    try:
+        return PlainDataUnpickler(io.BytesIO(blob), encoding="latin1").load()
+    except pickle.UnpicklingError as err:
+        raise UserError(f"{path}: not a plain-data {what}: the pickle {err}") from None
+    except Exception as err:  # truncated or malformed: EOFError, ValueError, struct errors, ...
+        raise UserError(f"{path}: not a {what}: {err.__class__.__name__}: {str(err)[:200]}") from None
