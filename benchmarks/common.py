@@ -1,20 +1,28 @@
-"""Helpers shared by the CPU and GPU benchmarks: data, specs, the bare reference loop, the
-trainer measured through its own loop, and concurrent training processes.
+"""Helpers shared by the CPU and GPU benchmarks: specs built from config.yaml, data, the
+trainer measured through its own loop, the bare reference loop, and pools of training
+processes that train together.
 
-Run as `python -m benchmarks.common worker JSON` it is one of those processes (internal).
+Every spec is config.yaml's (`training:`, `runtime:`, or an experiment's merged sections)
+with the benchmark's own changes merged over it; nothing here restates a default.
+
+Run as `python -m benchmarks.common worker JSON` it is one process of a pool (internal).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
+import functools
 import json
 import os
 import platform
+import queue
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,11 +31,24 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cifar_ensembles.inference import to_channels_last  # noqa: E402
+from cifar_ensembles.device import to_channels_last  # noqa: E402
+from cifar_ensembles.spec import (  # noqa: E402
+    RuntimeSpec,
+    SplitSpec,
+    TrainingSpec,
+    deep_merge,
+    experiment_sections,
+    load_config,
+)
+from cifar_ensembles.typed import from_data, to_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_SOURCE = "/usr/share/datasets/fashion-mnist"
 PREPARED_FASHION = ROOT / "resources" / "fashion_mnist" / "data.npz"
+DEMO = ROOT / "presets" / "demo.yaml"
+# The report's network at CIFAR's 32x32, from scratch (presets/from-scratch.yaml's reading);
+# its width stays config.yaml's.
+CIFAR_RESNET = {"name": "resnet18_cifar", "pretrained": False, "input_size": None}
 
 
 def quiet(_msg):
@@ -38,36 +59,89 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+# ----------------------------------------------------------------------------- specs
+@functools.cache
+def _config(presets: tuple[str, ...]) -> dict:
+    return load_config(*presets)
+
+
+def config(*presets: str | os.PathLike) -> dict:
+    """config.yaml merged with `presets` (files as --configfile gives them), as the workflow
+    reads it; a fresh copy."""
+    return deep_merge(_config(tuple(str(p) for p in presets)), {})
+
+
+def training_spec(overrides: dict | None = None, base: dict | None = None) -> TrainingSpec:
+    """config.yaml's `training:` (or `base`, e.g. an experiment's merged section) with
+    `overrides` merged in key by key."""
+    section = config()["training"] if base is None else base
+    return from_data(TrainingSpec, deep_merge(section, overrides or {}), "training")
+
+
+def runtime_spec(overrides: dict | None = None, base: dict | None = None) -> RuntimeSpec:
+    """config.yaml's `runtime:` (or `base`) with `overrides` merged in key by key."""
+    section = config()["runtime"] if base is None else base
+    return from_data(RuntimeSpec, deep_merge(section, overrides or {}), "runtime")
+
+
+def experiment_specs(name: str, training: dict | None = None, runtime: dict | None = None,
+                     presets: tuple = ()) -> tuple[TrainingSpec, RuntimeSpec]:
+    """An experiment as the workflow resolves it from config.yaml (and `presets`), with
+    `training` and `runtime` changes merged over its sections."""
+    t, r = experiment_sections(config(*presets), name)
+    return training_spec(training, base=t), runtime_spec(runtime, base=r)
+
+
+def split_spec(**overrides) -> SplitSpec:
+    """config.yaml's `data:` split (val_size, split_seed, subset) with overrides."""
+    data = config()["data"]
+    section = {key: data[key] for key in ("val_size", "split_seed", "subset")}
+    return from_data(SplitSpec, deep_merge(section, overrides), "data")
+
+
+def describe(spec: TrainingSpec, runtime: RuntimeSpec) -> str:
+    m, o = spec.model, spec.optimizer
+    opt = f"{o.name}/{o.base}" if o.name in ("sam", "asam") else o.name
+    extra = [spec.precision, spec.loss.name]
+    if spec.ema.enabled:
+        extra.append("ema")
+    if runtime.channels_last:
+        extra.append("channels_last")
+    if runtime.compile:
+        extra.append(f"compile={runtime.compile}")
+    return (f"{m.name} w{m.width} b{spec.batch_size} {opt} "
+            f"aug={spec.augment.name}/{spec.augment.mode} " + " ".join(extra))
+
+
 # ----------------------------------------------------------------------------- data
-def load_fashion_mnist(val_size: int = 2000) -> tuple[dict, str]:
-    """Real Fashion-MNIST: the prepared data.npz when present, else Debian's files through
-    the package's own fetch / load_raw / prepare.split. Returns (data, where from)."""
-    from cifar_ensembles import prepare
+def load_fashion_mnist() -> tuple[dict, str]:
+    """Real Fashion-MNIST: the workflow's prepared data.npz when present, else Debian's files
+    through the package's own raw_data.fetch / load_raw and splits.split (config.yaml's
+    split). Returns (data, where from)."""
+    from cifar_ensembles import raw_data, splits
 
     if PREPARED_FASHION.exists():
-        return prepare.load(PREPARED_FASHION), str(PREPARED_FASHION)
-    from cifar_ensembles.datasets import fetch, load_raw
-
+        return splits.load(PREPARED_FASHION), str(PREPARED_FASHION)
     with tempfile.TemporaryDirectory() as tmp:
-        raw = fetch("fashion_mnist", Path(tmp) / "raw", source=FASHION_SOURCE)
-        data = prepare.split(load_raw("fashion_mnist", raw), val_size, 0)
+        raw = raw_data.fetch("fashion_mnist", Path(tmp) / "raw", source=FASHION_SOURCE)
+        data = splits.split(raw_data.load_raw("fashion_mnist", raw), split_spec())
     return data, FASHION_SOURCE
 
 
 def synthetic_cifar(n_train: int, n_val: int = 512, size: int = 32, channels: int = 3,
                     seed: int = 0) -> dict:
-    """Random uint8 CIFAR-shaped data in prepare.split's layout (for machines without data)."""
+    """Random uint8 CIFAR-shaped data (10 classes) through splits.split: the prepared
+    layout, for machines without data."""
+    from cifar_ensembles import splits
+
     rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, (n_train + n_val, size, size, channels), dtype=np.uint8)
-    y = rng.integers(0, 10, n_train + n_val).astype(np.int64)
-    x_float = x[:min(n_train, 4096)].astype(np.float64) / 255.0
-    mean = x_float.mean(axis=(0, 1, 2)).astype(np.float32)
-    std = x_float.std(axis=(0, 1, 2)).astype(np.float32)
-    return dict(x_train=x[:n_train], y_train=y[:n_train], x_val=x[n_train:], y_val=y[n_train:],
-                x_test=x[n_train:], y_test=y[n_train:],
-                classes=np.array([f"class{i}" for i in range(10)]), mean=mean, std=std,
-                train_index=np.arange(n_train), val_index=np.arange(n_train, n_train + n_val),
-                test_index=np.arange(n_val))
+    n_test = 64
+    x = rng.integers(0, 256, (n_train + n_val + n_test, size, size, channels), dtype=np.uint8)
+    y = np.arange(len(x), dtype=np.int64) % 10
+    rng.shuffle(y)
+    raw = dict(x_train=x[:n_train + n_val], y_train=y[:n_train + n_val], x_test=x[n_train + n_val:],
+               y_test=y[n_train + n_val:], classes=np.array([f"class{i}" for i in range(10)]))
+    return splits.split(raw, split_spec(val_size=n_val, subset={"train": None, "test": None}))
 
 
 def take(data: dict, n_train: int, n_val: int) -> dict:
@@ -81,120 +155,107 @@ def take(data: dict, n_train: int, n_val: int) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- specs
-BASE_SPEC = {
-    "device": "cpu", "precision": "fp32", "channels_last": False, "compile": False,
-    "cudnn_benchmark": True, "epochs": 1, "batch_size": 64, "eval_batch_size": 512,
-    "model": {"name": "resnet18_cifar", "width": 16, "pretrained": False, "input_size": None},
-    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False},
-    "scheduler": {"name": "constant", "interval": "epoch"},
-    "loss": {"name": "cross_entropy", "label_smoothing": 0.0},
-    "augment": {"name": "none", "device": "cpu"},
-    "ema": {"enabled": False},
-    "loader": {"num_workers": 0, "pin_memory": True, "persistent_workers": True},
-}
-
-
-def make_spec(**overrides) -> dict:
-    """BASE_SPEC with overrides merged one level deep (dict values update dict values)."""
-    spec = copy.deepcopy(BASE_SPEC)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(spec.get(key), dict):
-            spec[key] = {**spec[key], **value}
-        else:
-            spec[key] = value
-    return spec
-
-
-def describe(spec: dict) -> str:
-    m, o = spec["model"], spec["optimizer"]
-    extra = [spec["precision"]]
-    if spec.get("channels_last"):
-        extra.append("channels_last")
-    if spec.get("compile"):
-        extra.append(f"compile={spec['compile']}")
-    return (f"{m['name']} w{m.get('width')} b{spec['batch_size']} {o['name']} "
-            f"aug={spec['augment']['name']}/{spec['augment'].get('device', 'cpu')} " + " ".join(extra))
-
-
 # ----------------------------------------------------------------------------- timing
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def batches(trainer):
+    """The trainer's own input pipeline (`trainer.inputs`), epoch after epoch, without end."""
+    epoch = 0
+    while True:
+        yield from trainer.inputs.epoch(epoch, 0)
+        epoch += 1
+
+
+def run_steps(trainer, steps: int | None = None, seconds: float | None = None,
+              start_at: float | None = None) -> dict:
+    """Trainer.train_step over the trainer's input pipeline for `steps` steps or `seconds`
+    (from `start_at`, a time.monotonic() value, when given); the device is synchronized
+    before the clock stops. Returns images, seconds, images/s and ms per step."""
+    if start_at is not None:
+        while time.monotonic() < start_at:
+            time.sleep(0.001)
+    device, done, images = trainer.device, 0, 0
+    start = time.monotonic()
+    for x, y in batches(trainer):
+        trainer.train_step(x, y)
+        done, images = done + 1, images + len(y)
+        if steps is not None and done >= steps:
+            break
+        if seconds is not None and time.monotonic() - start >= seconds:
+            break
+    sync(device)
+    elapsed = time.monotonic() - start
+    return {"steps": done, "images": images, "seconds": elapsed,
+            "images_per_second": images / elapsed, "step_ms": 1000 * elapsed / max(done, 1)}
+
+
 def warm_up(trainer, steps: int) -> None:
     """A few real steps before timing (allocator, cuDNN autotuning, torch.compile)."""
-    if steps <= 0:
-        return
-    batches = iter(trainer.loader)
-    for _ in range(steps):
-        x, y = next(batches)
-        x, y = x.to(trainer.device), y.to(trainer.device)
-        if trainer.channels_last:
-            x = to_channels_last(x)
-        trainer.train_step(x, y)
-    del batches
-    sync(trainer.device)
+    if steps > 0:
+        run_steps(trainer, steps=steps)
 
 
-def trainer_epoch(spec: dict, data: dict, threads: int = 1, warmup: int = 2, seed: int = 0) -> dict:
+def trainer_epoch(spec: TrainingSpec, runtime: RuntimeSpec, data: dict, threads: int = 1,
+                  warmup: int = 2, seed: int = 0) -> dict:
     """Our Trainer's own loop (Trainer.fit, one epoch over `data`): images/s of the training
     loop (history's images_per_second: evaluation excluded) and its data-wait fraction."""
-    from cifar_ensembles.train import Trainer
+    from cifar_ensembles.training import Trainer
 
-    trainer = Trainer(spec, data, seed, threads, log=quiet)
+    trainer = Trainer(dataclasses.replace(spec, epochs=1), runtime, data, seed, threads, log=quiet)
     warm_up(trainer, warmup)
-    history = trainer.fit()
-    row, timing = history[-1], trainer.timing[-1]
-    return {"images_per_second": row["images_per_second"], "seconds": row["seconds"],
+    row = trainer.fit()[-1]
+    timing = trainer.timing[-1]
+    return {"images_per_second": row.images_per_second, "seconds": row.seconds,
             "data_wait_fraction": timing["data_wait_seconds"] / max(timing["seconds"], 1e-9),
             "steps": trainer.steps_per_epoch}
 
 
-def bare_loop(spec: dict, data: dict, steps: int, threads: int = 1, warmup: int = 2, seed: int = 0) -> dict:
-    """The minimal PyTorch loop with the same model, batch size, optimizer (SGD), precision,
-    memory format and device: pre-normalized tensors on the device, random batches, cross
-    entropy, backward, step. No loader, no augmentation, no bookkeeping."""
+def bare_loop(spec: TrainingSpec, runtime: RuntimeSpec, data: dict, steps: int, threads: int = 1,
+              warmup: int = 2, seed: int = 0) -> dict:
+    """The minimal PyTorch loop with the same model, batch size, precision, memory format
+    and device: pre-normalized tensors on the device, random batches, cross entropy,
+    torch's SGD (its default implementation), backward, step. No loader, no augmentation,
+    no bookkeeping. The spec's optimizer must be SGD."""
     from cifar_ensembles.augment import normalization, to_normalized_tensor
-    from cifar_ensembles.inference import autocast, resolve_device, to_channels_last
+    from cifar_ensembles.device import autocast, resolve_device
     from cifar_ensembles.models import build_model
 
     torch.set_num_threads(threads)
-    device = resolve_device(spec["device"])
+    device = resolve_device(runtime.device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = bool(spec.get("cudnn_benchmark", True))
+        torch.backends.cudnn.benchmark = runtime.cudnn_benchmark
     x_np, y_np = data["x_train"], data["y_train"]
-    mean, std = normalization(spec["augment"], data["mean"], data["std"], x_np.shape[-1])
+    mean, std = normalization(spec.augment.normalize, data["mean"], data["std"], x_np.shape[-1])
     torch.manual_seed(seed)
-    model = build_model(spec["model"], len(data["classes"]), x_np.shape[-1]).to(device)
-    memory_format = torch.channels_last if spec.get("channels_last") else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = build_model(spec.model, len(data["classes"]), x_np.shape[-1]).to(device)
+    cl = runtime.channels_last
+    model = model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
     step_model = model
-    if spec.get("compile"):
-        mode = "reduce-overhead" if spec["compile"] == "reduce-overhead" and device.type == "cuda" else None
-        step_model = torch.compile(model, mode=mode)
-    o = spec["optimizer"]
-    assert o["name"] == "sgd", "the bare loop is the SGD reference"
-    opt = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o.get("momentum", 0.9),
-                          weight_decay=o.get("weight_decay", 0.0), nesterov=o.get("nesterov", False))
+    reduce_overhead = runtime.compile == "reduce-overhead" and device.type == "cuda"
+    if runtime.compile:
+        step_model = torch.compile(model, mode="reduce-overhead" if reduce_overhead else None)
+    o = spec.optimizer
+    assert o.name == "sgd", "the bare loop is the SGD reference"
+    opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
+                          weight_decay=o.weight_decay, nesterov=o.nesterov)
     # plain NCHW strides (a one-channel tensor made by movedim has channels_last strides,
     # which would pick other convolution kernels than the trainer's batches get)
     x_all = to_normalized_tensor(x_np, mean, std).clone(memory_format=torch.contiguous_format).to(device)
-    if spec.get("channels_last"):
+    if cl:
         x_all = to_channels_last(x_all)
     y_all = torch.as_tensor(y_np).to(device)
-    bs, n = spec["batch_size"], len(y_np)
+    bs, n = spec.batch_size, len(y_np)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
-    precision, reduce_overhead = spec["precision"], spec.get("compile") == "reduce-overhead"
-    cl = bool(spec.get("channels_last"))
 
     def step(i):
         idx = order[(i * bs) % (n - bs + 1):][:bs]
         if reduce_overhead:
             torch.compiler.cudagraph_mark_step_begin()
         opt.zero_grad(set_to_none=True)
-        with autocast(device, precision):
+        with autocast(device, spec.precision):
             out = step_model(to_channels_last(x_all[idx]) if cl else x_all[idx])
         loss = torch.nn.functional.cross_entropy(out.float(), y_all[idx])
         loss.backward()
@@ -215,79 +276,137 @@ def median_of(values):
     return float(statistics.median(values)) if values else None
 
 
-# ------------------------------------------------------------------ concurrent processes
-def worker(job: dict) -> dict:
-    """One training process of a concurrency measurement: Trainer.train_step over the
-    trainer's real loader for `seconds` after everyone is ready."""
-    from cifar_ensembles import prepare
-    from cifar_ensembles.train import Trainer
+# ------------------------------------------------------------------ pools of processes
+def task(name: str, spec: TrainingSpec, runtime: RuntimeSpec) -> dict:
+    """A trainer a pool process builds: its name and its specs as plain data."""
+    return {"name": name, "training": to_data(spec), "runtime": to_data(runtime)}
 
-    data = prepare.load(job["data"])
-    trainer = Trainer(job["spec"], data, job.get("seed", 0), job.get("threads", 1), log=quiet)
-    warm_up(trainer, job.get("warmup", 2))
-    print("ready", flush=True)
-    go = Path(job["go"])
-    deadline = time.monotonic() + 600
-    while not go.exists():
-        if time.monotonic() > deadline:
-            raise SystemExit("no go signal")
-        time.sleep(0.002)
 
-    def batches():
-        epoch = 0
-        while True:
-            trainer.sampler.epoch, trainer.sampler.start_batch = epoch, 0
-            yield from trainer.loader
-            epoch += 1
+def _say(message: dict) -> None:
+    print("@@ " + json.dumps(message), flush=True)
 
-    device, images = trainer.device, 0
-    start = time.perf_counter()
-    for x, y in batches():
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        if trainer.channels_last:
-            x = to_channels_last(x)
-        trainer.train_step(x, y)
-        images += len(y)
-        if time.perf_counter() - start >= job["seconds"]:
+
+def worker(job: dict) -> None:
+    """One process of a WorkerPool: builds the trainers of its tasks on the prepared data at
+    job["data"] (seed job["seed"], job["threads"] torch threads), warms each up, says it is
+    ready, then answers commands read from stdin, one JSON line each:
+    {"run": TASK, "start_at": MONOTONIC, "seconds": S} trains that task from start_at for S
+    seconds (Trainer.train_step over its own input pipeline) and answers with run_steps'
+    result; {"quit": true} or the end of stdin ends the process."""
+    from cifar_ensembles import splits
+    from cifar_ensembles.training import Trainer
+
+    data = splits.load(job["data"])
+    trainers = []
+    for t in job["tasks"]:
+        spec = from_data(TrainingSpec, t["training"], "training")
+        runtime = from_data(RuntimeSpec, t["runtime"], "runtime")
+        trainer = Trainer(spec, runtime, data, job["seed"], job["threads"], log=quiet)
+        start = time.monotonic()
+        warm_up(trainer, job["warmup"])
+        trainers.append((trainer, time.monotonic() - start))
+    _say({"ready": True, "warmup_seconds": [round(s, 3) for _, s in trainers],
+          "threads": torch.get_num_threads()})
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command.get("quit"):
             break
-    sync(device)
-    seconds = time.perf_counter() - start
-    return {"images": images, "seconds": seconds, "images_per_second": images / seconds,
-            "threads": torch.get_num_threads()}
+        trainer = trainers[command["run"]][0]
+        _say(run_steps(trainer, seconds=command["seconds"], start_at=command["start_at"]))
 
 
-def run_concurrent(jobs: list[dict], data_path: str, seconds: float, timeout: float = 300) -> dict:
-    """Start one process per job, wait until all are warmed up, let them train together for
-    `seconds`, and return each one's images/s and the sum."""
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), str(ROOT),
-                                                       os.environ.get("PYTHONPATH")]))}
-    with tempfile.TemporaryDirectory() as tmp:
-        go = Path(tmp) / "go"
-        procs = []
-        for job in jobs:
-            payload = json.dumps({**job, "data": data_path, "go": str(go), "seconds": seconds})
-            procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.common", "worker", payload],
-                                          cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True))
+class WorkerPool:
+    """Training processes (`python -m benchmarks.common worker`) on one prepared data file.
+
+    `jobs[i]` lists the tasks (see `task`) process i builds (seed i), so each process can
+    train any of its trainers; `run({process: task index}, seconds)` makes those processes
+    train together for `seconds` from a common start time and returns each one's result
+    and the aggregate images/s. Processes stay up between runs (no start-up per run); idle
+    ones wait on stdin. `timeout` bounds the start-up (imports, building and warming up
+    every trainer, torch.compile included): past it the pool is killed and TimeoutError
+    raised.
+    """
+
+    def __init__(self, jobs: list[list[dict]], data_path: str, threads: int = 1, warmup: int = 2,
+                 timeout: float = 600, env: dict | None = None):
+        self.procs, self.lines = [], []
+        self._tmp = tempfile.TemporaryDirectory()
+        env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", **(env or {}),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), str(ROOT),
+                                                           os.environ.get("PYTHONPATH")]))}
         try:
-            for p in procs:
-                line = p.stdout.readline().strip()
-                if line != "ready":
-                    raise RuntimeError(f"a benchmark worker failed to start (exit {p.wait()})")
-            go.touch()
-            results = []
-            for p in procs:
-                out, _ = p.communicate(timeout=timeout)
-                if p.returncode != 0:
-                    raise RuntimeError(f"a benchmark worker failed (exit {p.returncode})")
-                results.append(json.loads(out.strip().splitlines()[-1]))
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-    return {"jobs": results, "aggregate_images_per_second": sum(r["images_per_second"] for r in results)}
+            for seed, tasks in enumerate(jobs):
+                payload = json.dumps({"tasks": tasks, "data": data_path, "seed": seed,
+                                      "threads": threads, "warmup": warmup})
+                err = open(Path(self._tmp.name) / f"worker{seed}.err", "w")  # noqa: SIM115
+                proc = subprocess.Popen([sys.executable, "-m", "benchmarks.common", "worker", payload],
+                                        cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=err, text=True, start_new_session=True)
+                err.close()
+                lines: queue.Queue = queue.Queue()
+                threading.Thread(target=self._read, args=(proc, lines), daemon=True).start()
+                self.procs.append(proc)
+                self.lines.append(lines)
+            self.ready = [self._answer(i, timeout) for i in range(len(self.procs))]
+        except BaseException:
+            self.close(kill=True)
+            raise
+
+    @staticmethod
+    def _read(proc, lines: queue.Queue) -> None:
+        for line in proc.stdout:
+            if line.startswith("@@ "):
+                lines.put(json.loads(line[3:]))
+        lines.put(None)
+
+    def _answer(self, i: int, timeout: float) -> dict:
+        try:
+            message = self.lines[i].get(timeout=max(timeout, 0.1))
+        except queue.Empty:
+            raise TimeoutError(f"benchmark worker {i} gave no answer within {timeout:.0f} s") from None
+        if message is None:
+            code = self.procs[i].wait()
+            tail = (Path(self._tmp.name) / f"worker{i}.err").read_text().strip().splitlines()[-5:]
+            raise RuntimeError(f"benchmark worker {i} exited ({code}): " + " | ".join(tail))
+        return message
+
+    def run(self, assignment: dict[int, int], seconds: float) -> dict:
+        start_at = time.monotonic() + 0.2 + 0.02 * len(assignment)
+        for i, t in assignment.items():
+            self.procs[i].stdin.write(json.dumps({"run": t, "start_at": start_at, "seconds": seconds}) + "\n")
+            self.procs[i].stdin.flush()
+        jobs = [self._answer(i, seconds + 120) for i in assignment]
+        return {"jobs": jobs, "aggregate_images_per_second": sum(j["images_per_second"] for j in jobs)}
+
+    def close(self, kill: bool = False) -> None:
+        """Ask every process to quit (kill: end it, and what it started, at once)."""
+        for p in self.procs:
+            with contextlib.suppress(Exception):
+                if not kill:
+                    p.stdin.write(json.dumps({"quit": True}) + "\n")
+                p.stdin.close()
+        for p in self.procs:
+            try:
+                p.wait(timeout=0 if kill else 30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)  # its own session: torch.compile's workers too
+                p.wait()
+        self._tmp.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        self.close(kill=exc_type is not None)
+
+
+def write_data(path, data: dict) -> str:
+    """`data` as a prepared data.npz (what pool processes read)."""
+    from cifar_ensembles import splits
+
+    splits.write(path, data)
+    return str(path)
 
 
 # ----------------------------------------------------------------------------- output
@@ -335,6 +454,6 @@ def write_json(path, results: dict) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "worker":
-        print(json.dumps(worker(json.loads(sys.argv[2]))), flush=True)
+        worker(json.loads(sys.argv[2]))
     else:
         raise SystemExit("usage: python -m benchmarks.common worker JSON (internal)")

@@ -10,6 +10,8 @@ import hashlib
 import io
 import pickle
 import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,23 +32,54 @@ def synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072)
 
 
-def _write_archive(path: Path, folder: str, members: dict) -> str:
-    """Pickle each member into `folder/` of a .tar.gz, as the upstream archives are; return its MD5."""
+@dataclass(frozen=True)
+class Member:
+    """One tar entry: a regular file holding `data`, or a folder, link, device or FIFO."""
+
+    name: str
+    data: bytes = b""
+    kind: str = "file"  # file, dir, symlink, hardlink, chr, blk, fifo
+    target: str = ""  # what a symlink or hard link points to
+
+
+TAR_TYPES = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
+             "hardlink": tarfile.LNKTYPE, "chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE,
+             "fifo": tarfile.FIFOTYPE}
+
+
+def write_tar(path: str | Path, members: Iterable[Member]) -> str:
+    """Write exactly `members` (in order, names as given: '..', absolute, links, devices) into a
+    .tar.gz; return its MD5. For archives no honest tool writes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w:gz") as tar:
-        for name, obj in members.items():
-            blob = pickle.dumps(obj, protocol=2)
-            info = tarfile.TarInfo(f"{folder}/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
+        for member in members:
+            info = tarfile.TarInfo(member.name)
+            info.type = TAR_TYPES[member.kind]
+            info.linkname = member.target
+            info.mode = 0o755 if member.kind == "dir" else 0o644
+            if member.kind in ("chr", "blk"):
+                info.devmajor, info.devminor = 1, 3  # /dev/null's numbers
+            info.size = len(member.data) if member.kind == "file" else 0
+            tar.addfile(info, io.BytesIO(member.data) if member.kind == "file" else None)
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def make_cifar10_archive(path: str | Path, per_batch: int = 50, test_size: int = 100,
-                         seed: int = 0) -> str:
-    """Write cifar-10-python.tar.gz with data_batch_1..5, test_batch and batches.meta; return its MD5."""
+def pickled_members(folder: str, members: dict, protocol: int = 2) -> list[Member]:
+    """`members` (name -> object, or name -> bytes already pickled) as files of `folder/`."""
+    return [Member(f"{folder}/{name}",
+                   obj if isinstance(obj, bytes) else pickle.dumps(obj, protocol=protocol))
+            for name, obj in members.items()]
+
+
+def _write_archive(path: Path, folder: str, members: dict) -> str:
+    """Pickle each member into `folder/` of a .tar.gz, as the upstream archives are; return its MD5."""
+    return write_tar(path, pickled_members(folder, members))
+
+
+def cifar10_members(per_batch: int = 50, test_size: int = 100, seed: int = 0) -> dict:
+    """The unpickled contents of cifar-10-python.tar.gz: data_batch_1..5, test_batch, batches.meta."""
     rng = np.random.default_rng(seed)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     members = {}
     for b in range(1, 6):
         labels = rng.integers(0, 10, per_batch)
@@ -58,15 +91,12 @@ def make_cifar10_archive(path: str | Path, per_batch: int = 50, test_size: int =
                              "data": synthetic_images(labels, rng),
                              "filenames": [f"test_{i}.png" for i in range(test_size)]}
     members["batches.meta"] = {"num_cases_per_batch": per_batch, "label_names": CLASSES, "num_vis": 3072}
-    return _write_archive(path, "cifar-10-batches-py", members)
+    return members
 
 
-def make_cifar100_archive(path: str | Path, train_size: int = 200, test_size: int = 100,
-                          seed: int = 0) -> str:
-    """Write cifar-100-python.tar.gz (train, test, meta with fine and coarse labels); return its MD5."""
+def cifar100_members(train_size: int = 200, test_size: int = 100, seed: int = 0) -> dict:
+    """The unpickled contents of cifar-100-python.tar.gz: train, test, meta (fine and coarse labels)."""
     rng = np.random.default_rng(seed)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     members = {}
     for name, n in (("train", train_size), ("test", test_size)):
         fine = rng.integers(0, 100, n)
@@ -75,4 +105,16 @@ def make_cifar100_archive(path: str | Path, train_size: int = 200, test_size: in
                          "data": synthetic_images(fine % 10, rng)}
     members["meta"] = {"fine_label_names": [f"fine_{i}" for i in range(100)],
                        "coarse_label_names": [f"coarse_{i}" for i in range(20)]}
-    return _write_archive(path, "cifar-100-python", members)
+    return members
+
+
+def make_cifar10_archive(path: str | Path, per_batch: int = 50, test_size: int = 100,
+                         seed: int = 0) -> str:
+    """Write cifar-10-python.tar.gz with data_batch_1..5, test_batch and batches.meta; return its MD5."""
+    return _write_archive(Path(path), "cifar-10-batches-py", cifar10_members(per_batch, test_size, seed))
+
+
+def make_cifar100_archive(path: str | Path, train_size: int = 200, test_size: int = 100,
+                          seed: int = 0) -> str:
+    """Write cifar-100-python.tar.gz (train, test, meta with fine and coarse labels); return its MD5."""
+    return _write_archive(Path(path), "cifar-100-python", cifar100_members(train_size, test_size, seed))

@@ -303,9 +303,10 @@ def test_visible_gpus_are_every_gpu_when_cuda_visible_devices_is_unset():
     ("3", {}, "3"),
     (UUIDS[0], {}, UUIDS[0]),
     ("MIG-GPU-1a2b/1/0", {}, "MIG-GPU-1a2b_1_0"),  # file-name safe
-    ("0", {"SLURM_JOB_ID": "101"}, "slurm101-0"),   # a SLURM job numbers its GPUs itself
-    (UUIDS[1], {"SLURM_JOB_ID": "101"}, f"slurm101-{UUIDS[1]}"),
-], ids=["index", "uuid", "mig", "slurm", "slurm-uuid"])
+    ("0", {"SLURM_JOB_ID": "101", "CUDA_VISIBLE_DEVICES": "0,1"}, "slurm101-0"),  # SLURM numbered them
+    (UUIDS[1], {"SLURM_JOB_ID": "101", "CUDA_VISIBLE_DEVICES": UUIDS[1]}, f"slurm101-{UUIDS[1]}"),
+    ("0", {"SLURM_JOB_ID": "101"}, "0"),  # the job counted the machine's GPUs: physical indices
+], ids=["index", "uuid", "mig", "slurm", "slurm-uuid", "slurm-counted"])
 def test_gpu_key(gpu_id, env, key):
     assert gpu_claim.gpu_key(gpu_id, env) == key
 

@@ -47,9 +47,21 @@ class DamagedFile(UserError):
         super().__init__(f"{path}: {problem}; {hint or rebuild_hint(path)}")
 
 
-def _first_line(err: BaseException) -> str:
+def error_line(err: BaseException) -> str:
+    """`err` in one line: its type and first line (torch's can span many)."""
     text = str(err).replace("\x1b[1m", "").replace("\x1b[0m", "").strip()
-    return f"{err.__class__.__name__}: {(text.splitlines() or [''])[0][:200]}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        # torch's first line advises loading with weights_only=False, which would run whatever
+        # code the file holds; the reason (e.g. the refused global) comes after it
+        rest = [line.split("WeightsUnpickler error: ")[-1] for line in lines[1:]
+                if not line.startswith("Check the documentation")]
+        return (f"{err.__class__.__name__}: refused, it holds more than tensors and plain data: "
+                f"{(rest or ['unsupported content'])[0][:200]}")
+    return f"{err.__class__.__name__}: {(lines or [''])[0][:200]}"
+
+
+_first_line = error_line
 
 
 def _torch_load(path, what: str, hint: str | None = None) -> dict:

@@ -29,7 +29,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import random
 import re
 import sys
 import tempfile
@@ -54,11 +53,12 @@ def lock_dir(path: str | os.PathLike | None = None) -> Path:
 
 
 def gpu_key(gpu_id: str, env: MutableMapping[str, str] | None = None) -> str:
-    """The lock-file name part of a visible GPU: its id, made file-name safe, under a SLURM job
-    prefixed by the job's id (jobs of other allocations number their GPUs from 0 too)."""
+    """The lock-file name part of a visible GPU: its id, made file-name safe; prefixed by the
+    SLURM job's id when SLURM set CUDA_VISIBLE_DEVICES (jobs of other allocations number their
+    GPUs from 0 too), not when the job counted the machine's GPUs itself."""
     env = os.environ if env is None else env
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(gpu_id))
-    job = env.get("SLURM_JOB_ID")
+    job = env.get("SLURM_JOB_ID") if "CUDA_VISIBLE_DEVICES" in env else None
     return f"slurm{job}-{safe}" if job else safe
 
 
@@ -73,18 +73,18 @@ def _open_lock(path: Path) -> int:
     which protected_regular refuses.
     """
     try:
-        return os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+        try:
+            return os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise UserError(f"{path}: cannot open the GPU lock file ({err.strerror}); set {LOCK_DIR_ENV} "
+                        "to a folder every job can write to") from None
 
 
 def _try_lock(path: Path) -> int | None:
     """The fd holding an exclusive lock on `path`, or None when another process holds it."""
-    try:
-        fd = _open_lock(path)
-    except OSError as err:
-        raise UserError(f"{path}: cannot open the GPU lock file ({err.strerror}); set {LOCK_DIR_ENV} "
-                        "to a folder every job can write to") from None
+    fd = _open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
@@ -117,6 +117,18 @@ def _free_slots(key: str, directory: Path) -> int:
     fds = [fd for slot in range(SLOTS) if (fd := _try_lock(slot_path(key, slot, directory))) is not None]
     _close(fds)
     return len(fds)
+
+
+@contextlib.contextmanager
+def _one_claimant(directory: Path) -> Iterator[None]:
+    """One job at a time counts and takes slots: jobs started together would otherwise all
+    count the same free slots and pile onto the same GPU."""
+    fd = _open_lock(directory / f"{LOCK_PREFIX}claim.lock")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for milliseconds
+        yield
+    finally:
+        os.close(fd)
 
 
 def _keys(gpus: int | Sequence[str]) -> list[str]:
@@ -153,21 +165,18 @@ def claim_gpu(gpus: int | Sequence[str], lock_dir_path: str | os.PathLike | None
     share = "" if need == SLOTS else f", {need} of its {SLOTS} slots"
     start = time.monotonic()
     reminded = None
-    quick = 0  # first passes retried soon: a job starting beside us holds slots briefly while it looks
     while True:
-        free = [_free_slots(key, directory) for key in keys]
-        for index in sorted((i for i in range(len(keys)) if free[i] >= need), key=lambda i: (-free[i], i)):
-            fds = _take(keys[index], need, directory)
-            if fds is not None:  # (None: another job took the room since we looked)
-                _held[(str(directory), keys[index])] = fds
-                waited = f", after waiting {time.monotonic() - start:.0f}s" if reminded is not None else ""
-                log(f"using GPU {index} of {len(keys)} visible{share} (locks {directory}/"
-                    f"{LOCK_PREFIX}{keys[index]}-slot*.lock{waited})")
-                return index
-        if quick < 3:
-            quick += 1
-            time.sleep(random.uniform(0.02, 0.2))
-            continue
+        with _one_claimant(directory):
+            free = [_free_slots(key, directory) for key in keys]
+            roomy = sorted((i for i in range(len(keys)) if free[i] >= need), key=lambda i: (-free[i], i))
+            fds = _take(keys[roomy[0]], need, directory) if roomy else None
+        if fds is not None:
+            index = roomy[0]
+            _held[(str(directory), keys[index])] = fds
+            waited = f", after waiting {time.monotonic() - start:.0f}s" if reminded is not None else ""
+            log(f"using GPU {index} of {len(keys)} visible{share} (locks {directory}/"
+                f"{LOCK_PREFIX}{keys[index]}-slot*.lock{waited})")
+            return index
         now = time.monotonic()
         if timeout is not None and now - start >= timeout:
             raise TimeoutError(f"no GPU of {len(keys)} had room for {timeout}s")

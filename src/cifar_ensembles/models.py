@@ -95,10 +95,11 @@ def load_pretrained(model: nn.Module, weights_file: str | os.PathLike) -> None:
     net = model.net if isinstance(model, Resized) else model
     try:
         state = torch.load(weights_file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch's messages can span lines (weights_only): keep the first
-        detail = (str(err).replace("\x1b[1m", "").replace("\x1b[0m", "").strip().splitlines() or [""])[0]
+    except Exception as err:  # torch's messages can span lines (weights_only): one line
+        from .formats import error_line
+
         raise UserError(f"pretrained_weights.file: {weights_file}: cannot load as torch weights "
-                        f"({err.__class__.__name__}: {detail})") from None
+                        f"({error_line(err)})") from None
     if not isinstance(state, dict):
         raise UserError(f"pretrained_weights.file: {weights_file}: not a state dict")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}

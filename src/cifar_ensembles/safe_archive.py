@@ -2,9 +2,12 @@
 
 Every member is checked before anything is written: no absolute name, no `..` component,
 no symbolic or hard link whose target resolves outside the destination, no device file or
-FIFO. One bad member refuses the whole archive with a one-line error naming it. Where the
-standard library has extraction filters (Python 3.12, and 3.11.4 / 3.10.12 backports) the
-`data` filter applies as well; the explicit checks are what older Pythons rely on.
+FIFO, and no path that passes through a symbolic link of the archive itself (a chain such as
+`a -> .` then `b -> a/../..` looks inside when read as text but leads out once `a` exists;
+so does a file written through a link). One bad member refuses the whole archive with a
+one-line error naming it. Where the standard library has extraction filters (Python 3.12,
+and 3.11.4 / 3.10.12 backports) the `data` filter applies as well; the explicit checks are
+what older Pythons rely on.
 """
 
 from __future__ import annotations
@@ -24,8 +27,25 @@ def _inside(root: Path, path: Path) -> bool:
     return True
 
 
-def member_problem(member: tarfile.TarInfo, root: Path) -> str | None:
-    """Why `member` may not be extracted into `root` (resolved), or None when it may."""
+def _via_link(parts, links: frozenset[str]) -> str | None:
+    """The first symbolic link of the archive that the relative path `parts` passes through."""
+    walked: list[str] = []
+    for part in parts:
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if walked:
+                walked.pop()
+            continue
+        walked.append(part)
+        if "/".join(walked) in links:
+            return "/".join(walked)
+    return None
+
+
+def member_problem(member: tarfile.TarInfo, root: Path, links: frozenset[str] = frozenset()) -> str | None:
+    """Why `member` may not be extracted into `root` (resolved), or None when it may; `links`
+    are the names of the archive's symbolic links (as `PurePosixPath` writes them)."""
     name = PurePosixPath(member.name)
     if member.name.startswith(("/", "\\")) or name.is_absolute() or os.path.isabs(member.name):
         return "has an absolute path"
@@ -34,6 +54,14 @@ def member_problem(member: tarfile.TarInfo, root: Path) -> str | None:
     target = root / name
     if not _inside(root, target):
         return "lands outside the folder"
+    through = _via_link(name.parts[:-1] if member.issym() else name.parts, links)
+    if through:
+        return f"is written through the symbolic link {through!r}"
+    if member.issym() or member.islnk():
+        link_path = (name.parent.parts if member.issym() else ()) + PurePosixPath(member.linkname).parts
+        through = _via_link(link_path, links)
+        if through:
+            return f"is a link to {member.linkname!r}, through the symbolic link {through!r}"
     if member.issym():
         link = PurePosixPath(member.linkname)
         if link.is_absolute() or not _inside(root, target.parent / link):
@@ -56,8 +84,9 @@ def extract_tar(archive: str | os.PathLike, destination: str | os.PathLike, wher
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
+            links = frozenset(str(PurePosixPath(m.name)) for m in members if m.issym())
             for member in members:
-                problem = member_problem(member, root)
+                problem = member_problem(member, root, links)
                 if problem:
                     raise UserError(f"{where}: {archive}: member {member.name!r} {problem}; "
                                     "nothing was extracted")

@@ -5,8 +5,9 @@ while it loads. A user's own archive (`data.source` with `data.md5`) is vouched 
 published checksum, so every batch is read with an unpickler that resolves exactly the
 globals the real archives need (numpy's array reconstruction, `numpy.ndarray`,
 `numpy.dtype` without object fields, and the `_codecs.encode` that Python 3's protocol 2
-uses for bytes) and refuses any other with a one-line error naming the file. Dicts, lists,
-tuples, text, bytes and numbers come from pickle opcodes, which need no globals.
+uses for bytes; numpy's `_frombuffer` for arrays pickled with protocol 5) and refuses any
+other with a one-line error naming the file. Dicts, lists, tuples, text, bytes and numbers
+come from pickle opcodes, which need no globals.
 """
 
 from __future__ import annotations
@@ -25,17 +26,28 @@ except ImportError:  # numpy 1
     from numpy.core.multiarray import _reconstruct
 
 
+class Refused(pickle.UnpicklingError):
+    """What the pickle asks for and this unpickler will not build (the message names it)."""
+
+
 def _dtype(*args):
     dtype = np.dtype(*args)
     if dtype.hasobject:
-        raise pickle.UnpicklingError("an array of Python objects")
+        raise Refused("an array of Python objects")
     return dtype
 
 
 def _encode(text, encoding="utf-8"):
     if encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
+        raise Refused(f"_codecs.encode with {encoding!r}")
     return text.encode("latin1")
+
+
+def _frombuffer(buffer, dtype, shape, order):
+    """numpy's reconstruction of an array pickled with protocol 5 (its bytes in band)."""
+    if not isinstance(buffer, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise Refused("an array from something other than plain bytes")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
 
 
 ALLOWED = {
@@ -44,6 +56,8 @@ ALLOWED = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): _dtype,
     ("_codecs", "encode"): _encode,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
 }
 
 
@@ -53,11 +67,11 @@ class PlainDataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         found = ALLOWED.get((module, name))
         if found is None:
-            raise pickle.UnpicklingError(f"refuses {module}.{name}")
+            raise Refused(f"{module}.{name}")
         return found
 
     def persistent_load(self, pid):
-        raise pickle.UnpicklingError("refuses persistent ids")
+        raise Refused("a persistent id")
 
 
 def load_plain_pickle(path: str | os.PathLike, what: str = "CIFAR batch"):
@@ -71,7 +85,8 @@ def load_plain_pickle(path: str | os.PathLike, what: str = "CIFAR batch"):
         raise UserError(f"{path}: cannot read: {err.strerror}") from None
     try:
         return PlainDataUnpickler(io.BytesIO(blob), encoding="latin1").load()
-    except pickle.UnpicklingError as err:
-        raise UserError(f"{path}: not a plain-data {what}: the pickle {err}") from None
+    except Refused as err:
+        raise UserError(f"{path}: not a plain-data {what}: its pickle asks for {err}, which is refused "
+                        "(only arrays, text and numbers are read)") from None
     except Exception as err:  # truncated or malformed: EOFError, ValueError, struct errors, ...
         raise UserError(f"{path}: not a {what}: {err.__class__.__name__}: {str(err)[:200]}") from None
