@@ -13,6 +13,7 @@ wildcard_constraints:
     experiment="|".join(EXPERIMENTS),
     seed=r"\d+",
     split="val|test",
+    corruption=r"[a-z][a-z0-9_]*",
 
 
 include: "workflow/rules/download.smk"
@@ -20,6 +21,7 @@ include: "workflow/rules/prepare.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/predict.smk"
 include: "workflow/rules/ensemble.smk"
+include: "workflow/rules/shift.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -324,12 +324,13 @@ class WorkerPool:
     and the aggregate images/s. Processes stay up between runs (no start-up per run); idle
     ones wait on stdin. `timeout` bounds the start-up (imports, building and warming up
     every trainer, torch.compile included): past it the pool is killed and TimeoutError
-    raised.
+    raised, or, with `tolerant`, only the late or failed processes are, each one's problem
+    kept in `failed` (process index: message) and the others stay usable.
     """
 
     def __init__(self, jobs: list[list[dict]], data_path: str, threads: int = 1, warmup: int = 2,
-                 timeout: float = 600, env: dict | None = None):
-        self.procs, self.lines = [], []
+                 timeout: float = 600, env: dict | None = None, tolerant: bool = False):
+        self.procs, self.lines, self.failed = [], [], {}
         self._tmp = tempfile.TemporaryDirectory()
         env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", **(env or {}),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), str(ROOT),
@@ -347,7 +348,16 @@ class WorkerPool:
                 threading.Thread(target=self._read, args=(proc, lines), daemon=True).start()
                 self.procs.append(proc)
                 self.lines.append(lines)
-            self.ready = [self._answer(i, timeout) for i in range(len(self.procs))]
+            deadline = time.monotonic() + timeout
+            self.ready = {}
+            for i in range(len(self.procs)):
+                try:
+                    self.ready[i] = self._answer(i, deadline - time.monotonic())
+                except (RuntimeError, TimeoutError) as err:
+                    if not tolerant:
+                        raise
+                    self._kill(self.procs[i])
+                    self.failed[i] = str(err)
         except BaseException:
             self.close(kill=True)
             raise
@@ -371,6 +381,9 @@ class WorkerPool:
         return message
 
     def run(self, assignment: dict[int, int], seconds: float) -> dict:
+        for i in assignment:
+            if i in self.failed:
+                raise RuntimeError(self.failed[i])
         start_at = time.monotonic() + 0.2 + 0.02 * len(assignment)
         for i, t in assignment.items():
             self.procs[i].stdin.write(json.dumps({"run": t, "start_at": start_at, "seconds": seconds}) + "\n")
@@ -378,20 +391,26 @@ class WorkerPool:
         jobs = [self._answer(i, seconds + 120) for i in assignment]
         return {"jobs": jobs, "aggregate_images_per_second": sum(j["images_per_second"] for j in jobs)}
 
+    @staticmethod
+    def _kill(p) -> None:
+        """End a process and what it started (its own session: torch.compile's workers too)."""
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
     def close(self, kill: bool = False) -> None:
-        """Ask every process to quit (kill: end it, and what it started, at once)."""
+        """Ask every process to quit (kill: end them at once)."""
         for p in self.procs:
             with contextlib.suppress(Exception):
-                if not kill:
+                if not kill and p.poll() is None:
                     p.stdin.write(json.dumps({"quit": True}) + "\n")
                 p.stdin.close()
         for p in self.procs:
             try:
-                p.wait(timeout=0 if kill else 30)
+                p.wait(timeout=0.1 if kill else 30)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)  # its own session: torch.compile's workers too
-                p.wait()
+                self._kill(p)
         self._tmp.cleanup()
 
     def __enter__(self):

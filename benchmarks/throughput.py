@@ -1,25 +1,37 @@
 """CPU throughput benchmark: `python -m benchmarks.throughput [--json PATH] [--quick]`.
 
-Measures, on real Fashion-MNIST (resources/fashion_mnist/data.npz, or Debian's files),
-with torch limited to `--threads` threads (default 1, the default profile's per-job threads):
+Measures, with torch limited to `--threads` threads (default 1, the default profile's
+per-job threads):
 
-- our Trainer's training images/s (Trainer.fit over its real DataLoader, evaluation
-  excluded) against a bare PyTorch loop with the same model, batch size, SGD and device,
-  interleaved rounds, medians: trainer_vs_bare_ratio (goal >= 0.95);
-- SAM and ASAM step time / SGD step time (Trainer.train_step, same batch; goal <= 2.05);
-- images/s of each augmentation pipeline against the training step's images/s, and the
-  fraction of the trainer's loop spent waiting for the next batch (goal <= 5%), for every
-  input path; `data_wait_fraction` is the batched path's (augment.device: gpu, which on a
-  CPU runs batched in the training process);
+- what one training step dispatches, counted on the CPU by benchmarks.dispatch through
+  Trainer.train_step (the code path a GPU runs) for the report's batch-16 ASL recipes:
+  `ops_per_step` and `host_syncs_per_step` for sgd, adam, sam, asam and asam_ema (goals:
+  asam_ema's aten ops <= 2.1 x sgd's; 0 host syncs in every step);
+- the step time of SAM and of ASAM+EMA over SGD, `step_time_ratio` (goal <= 2.2 each; ASAM
+  without EMA is listed too): a width-4 resnet18_cifar, batch 16, ASL, Trainer.train_step
+  on fixed tensors after warm-up, the recipes interleaved in rounds (rotating which goes
+  first), the median of the rounds' ratios;
+- on real Fashion-MNIST (resources/fashion_mnist/data.npz, or Debian's files) with the demo
+  preset's network (width-16 resnet18_cifar, batch 64, SGD, cross-entropy, no
+  augmentation): our Trainer's training images/s (Trainer.fit over its own input pipeline,
+  evaluation excluded) against a bare PyTorch loop with the same model, batch size, SGD
+  and device, interleaved rounds, medians: trainer_vs_bare_ratio (goal >= 0.95);
 - the speed settings (channels_last, bf16) through the trainer;
-- ensemble analysis on 11 members x 10,000 images x 10 classes: one call of every public
-  function of cifar_ensembles.ensemble and cifar_ensembles.metrics;
-- `snakemake -n` for 4 experiments x 11 seeds;
+- images/s of each input path (the trainer's own, training.inputs) against the bare
+  training step's images/s, and the fraction of the trainer's loop spent waiting for the
+  next batch (goal <= 5%), for every path; `data_wait_fraction` is augment.mode batched's
+  (whole batches augmented on the training device, here the CPU);
+- ensemble analysis on 11 members x 10,000 images x 10 classes: the ensemble stage's whole
+  computation (stages.ensemble.analyse with config.yaml's `ensemble:`), and one call of
+  every public function of cifar_ensembles.ensemble and cifar_ensembles.metrics;
+- `snakemake -n` for 4 experiments x 11 seeds over the demo preset (its two and two more);
 - two 1-thread training processes side by side against one 2-thread process (aggregate
-  images/s), the default profile's `set-threads` choice.
+  images/s) training the demo's ensemble_adam job, the default profile's `set-threads`
+  choice.
 
-It prints a table and writes JSON (default benchmarks/results/throughput.json). On 2 cores
-it takes about 3-4 minutes (`--quick`: about 1 minute, smaller samples).
+Specs are config.yaml's (and presets/demo.yaml's) with each measurement's changes merged
+over them. It prints a table and writes JSON (default benchmarks/results/throughput.json).
+On 2 cores it takes about 2 minutes (`--quick`: under a minute, smaller samples).
 """
 
 from __future__ import annotations
@@ -38,122 +50,158 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cifar_ensembles.spec import deep_merge
+
 from .common import (
+    CIFAR_RESNET,
+    DEMO,
     ROOT,
+    WorkerPool,
     bare_loop,
+    config,
     describe,
+    experiment_specs,
     load_fashion_mnist,
     log,
     machine,
-    make_spec,
     median_of,
-    quiet,
-    run_concurrent,
+    runtime_spec,
     table,
     take,
+    task,
     trainer_epoch,
+    training_spec,
+    write_data,
     write_json,
 )
 
-GOALS = {"trainer_vs_bare_ratio": (">=", 0.95), "sam_vs_sgd_ratio": ("<=", 2.05),
-         "asam_vs_sgd_ratio": ("<=", 2.05), "data_wait_fraction": ("<=", 0.05)}
+GOALS = {"trainer_vs_bare_ratio": (">=", 0.95), "step_time_ratio": ("<=", 2.2),
+         "data_wait_fraction": ("<=", 0.05), "ops_ratio": ("<=", 2.1), "host_syncs": ("<=", 0)}
+
+# The trainer-vs-bare network: the demo preset's (width-16 resnet18_cifar, batch 64) with
+# what the bare loop does: SGD at a constant rate, cross-entropy, no augmentation, no EMA.
+BENCH_TRAINING = {"epochs": 1, "model": {**CIFAR_RESNET, "width": 16},
+                  "optimizer": {"name": "sgd", "lr": 0.05, "weight_decay": 5e-4},
+                  "scheduler": {"name": "constant"}, "loss": {"name": "cross_entropy"},
+                  "augment": {"name": "none", "mode": "per_image"}, "ema": {"enabled": False}}
+BENCH_RUNTIME = {"device": "cpu", "channels_last": False, "compile": False, "loader": {"num_workers": 0}}
+
+
+def bench_specs(training: dict | None = None, runtime: dict | None = None):
+    demo = config(DEMO)
+    spec = training_spec(deep_merge(BENCH_TRAINING, training or {}), base=demo["training"])
+    return spec, runtime_spec(deep_merge(BENCH_RUNTIME, runtime or {}), base=demo["runtime"])
 
 
 # --------------------------------------------------------------- trainer vs bare loop
 def trainer_vs_bare(data, steps, rounds, threads) -> dict:
-    spec = make_spec()
-    sub = take(data, steps * spec["batch_size"], 64)
+    spec, runtime = bench_specs()
+    sub = take(data, steps * spec.batch_size, 64)
     trainer_ips, bare_ips, waits = [], [], []
     for r in range(rounds):
-        b = bare_loop(spec, sub, steps, threads)
-        t = trainer_epoch(spec, sub, threads)
+        b = bare_loop(spec, runtime, sub, steps, threads)
+        t = trainer_epoch(spec, runtime, sub, threads)
         bare_ips.append(b["images_per_second"])
         trainer_ips.append(t["images_per_second"])
         waits.append(t["data_wait_fraction"])
         log(f"  round {r + 1}: bare {b['images_per_second']:.0f} img/s, "
             f"trainer {t['images_per_second']:.0f} img/s")
     trainer, bare = median_of(trainer_ips), median_of(bare_ips)
-    return {"config": describe(spec), "steps": steps, "rounds": rounds,
+    return {"config": describe(spec, runtime), "steps": steps, "rounds": rounds,
             "trainer_images_per_second": trainer, "bare_images_per_second": bare,
             "trainer_rounds": trainer_ips, "bare_rounds": bare_ips,
             "trainer_data_wait_fraction": median_of(waits), "ratio": trainer / bare}
 
 
 # --------------------------------------------------------------------- speed settings
-SETTINGS = {
-    "fp32": {},
-    "fp32 channels_last": {"channels_last": True},
-    "bf16": {"precision": "bf16"},
-    "bf16 channels_last": {"precision": "bf16", "channels_last": True},
+SETTINGS = {  # name: (training changes, runtime changes)
+    "fp32 channels_last": ({}, {"channels_last": True}),
+    "bf16": ({"precision": "bf16"}, {}),
+    "bf16 channels_last": ({"precision": "bf16"}, {"channels_last": True}),
 }
 
 
 def settings(data, steps, threads, fp32_ips) -> dict:
     out = {"fp32": fp32_ips}
-    for name, change in SETTINGS.items():
-        if name == "fp32":
-            continue
-        spec = make_spec(**change)
-        sub = take(data, steps * spec["batch_size"], 64)
-        out[name] = trainer_epoch(spec, sub, threads)["images_per_second"]
+    for name, (training, runtime) in SETTINGS.items():
+        spec, rt = bench_specs(training, runtime)
+        sub = take(data, steps * spec.batch_size, 64)
+        out[name] = trainer_epoch(spec, rt, sub, threads)["images_per_second"]
         log(f"  {name}: {out[name]:.0f} img/s")
     return out
 
 
-# ----------------------------------------------------------------------- SAM vs SGD
-def sam_vs_sgd(data, steps, rounds, threads) -> dict:
-    from cifar_ensembles.train import Trainer
+# ------------------------------------------------------- what a step dispatches, its time
+def dispatch_counts() -> dict:
+    """benchmarks.dispatch's counts: aten ops and host syncs of one Trainer.train_step."""
+    from .dispatch import count_all
 
-    sub = take(data, 4 * 64, 64)
-    trainers = {}
-    for name in ("sgd", "sam", "asam"):
-        spec = make_spec(optimizer={"name": name, "rho": 0.05 if name == "sam" else 0.5})
-        trainers[name] = Trainer(spec, sub, 0, threads, log=quiet)
-    x, y = next(iter(trainers["sgd"].loader))
-    times = {name: [] for name in trainers}
-    for trainer in trainers.values():  # warm-up
-        trainer.train_step(x, y)
+    counters = count_all()
+    ops = {name: c.ops for name, c in counters.items()}
+    syncs = {name: c.syncs for name, c in counters.items()}
+    log("  " + ", ".join(f"{n} {ops[n]} ops / {syncs[n]} syncs" for n in ops))
+    return {"ops_per_step": ops, "host_syncs_per_step": syncs,
+            "asam_ema_vs_sgd_ops": ops["asam_ema"] / ops["sgd"],
+            "top_ops": {name: dict(c.counts.most_common(8)) for name, c in counters.items()}}
+
+
+STEP_RECIPES = ("sgd", "sam", "asam", "asam_ema")  # benchmarks.dispatch's recipes
+
+
+def step_times(steps, rounds, threads, warmup=3) -> dict:
+    """Seconds per Trainer.train_step of each recipe (width-4 resnet18_cifar, batch 16, ASL)
+    on one fixed batch, interleaved in rounds; ratios to SGD per round, then medians."""
+    from .dispatch import trainer_for
+
+    trainers = {name: trainer_for(name, width=4) for name in STEP_RECIPES}
+    torch.set_num_threads(threads)  # trainer_for's trainers set one thread
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (16,), generator=g)
+    for trainer in trainers.values():
+        for _ in range(warmup):
+            trainer.train_step(x, y)
+    times = {name: [] for name in STEP_RECIPES}
     for r in range(rounds):
-        for name, trainer in trainers.items():
+        order = STEP_RECIPES[r % len(STEP_RECIPES):] + STEP_RECIPES[:r % len(STEP_RECIPES)]
+        for name in order:
             start = time.perf_counter()
             for _ in range(steps):
-                trainer.train_step(x, y)
+                trainers[name].train_step(x, y)
             times[name].append((time.perf_counter() - start) / steps)
-        log(f"  round {r + 1}: " + ", ".join(f"{n} {1000 * t[-1]:.0f} ms" for n, t in times.items()))
-    step = {name: median_of(t) for name, t in times.items()}
-    return {"step_seconds": step, "rounds": times,
-            "sam_vs_sgd_ratio": step["sam"] / step["sgd"], "asam_vs_sgd_ratio": step["asam"] / step["sgd"]}
+        log(f"  round {r + 1}: " + ", ".join(f"{n} {1000 * times[n][-1]:.1f} ms" for n in STEP_RECIPES))
+    ratios = {name: median_of([t / s for t, s in zip(times[name], times["sgd"])])
+              for name in STEP_RECIPES if name != "sgd"}
+    return {"config": "resnet18_cifar w4 b16 ASL, fixed batch, Trainer.train_step", "steps": steps,
+            "rounds": rounds, "step_seconds": {n: median_of(t) for n, t in times.items()},
+            "round_seconds": times, "ratio": ratios}
 
 
 # ------------------------------------------------------------------ augmentation pipelines
-BATCHED = "gpu path (batched, on cpu)"
+BATCHED = "albumentations, batched"
 PIPELINES = {  # name: (augment, loader.num_workers)
-    "none": ({"name": "none"}, 0),
-    "torchvision": ({"name": "torchvision"}, 0),
-    "albumentations": ({"name": "albumentations"}, 0),
-    "albumentations, 1 worker": ({"name": "albumentations"}, 1),
-    BATCHED: ({"name": "albumentations", "device": "gpu"}, 0),
+    "none": ({"name": "none", "mode": "per_image"}, 0),
+    "torchvision": ({"name": "torchvision", "mode": "per_image"}, 0),
+    "albumentations": ({"name": "albumentations", "mode": "per_image"}, 0),
+    "albumentations, 1 worker": ({"name": "albumentations", "mode": "per_image"}, 1),
+    BATCHED: ({"name": "albumentations", "mode": "batched"}, 0),
 }
 
 
-def pipeline_images_per_second(aug: dict, workers: int, data, n: int, batch: int) -> float:
-    """Images/s of the input path alone, as the trainer runs it (its DataLoader, or the
-    batched device path on the CPU)."""
-    from cifar_ensembles.augment import EpochBatches, SeededImages, build_train_transform, normalization
-    from cifar_ensembles.gpu_augment import BatchedAugment, DeviceBatches
+def pipeline_images_per_second(spec, runtime, data, n: int, threads: int) -> float:
+    """Images/s of the trainer's own input path alone (training.inputs: its DataLoader, or
+    the batched path on the CPU), batches delivered on the device and laid out."""
+    from cifar_ensembles.augment import normalization
+    from cifar_ensembles.training.inputs import build_inputs
 
     x, y = data["x_train"][:n], data["y_train"][:n]
-    mean, std = normalization(aug, data["mean"], data["std"], x.shape[-1])
-    if aug.get("device") == "gpu":
-        loader = DeviceBatches(x, y, BatchedAugment(aug, x.shape[1], mean, std), batch, 0, "cpu")
-    else:
-        transform = build_train_transform(aug, x.shape[1], mean, std)
-        loader = torch.utils.data.DataLoader(SeededImages(x, y, transform),
-                                             batch_sampler=EpochBatches(n, batch, 0, 0),
-                                             num_workers=workers, persistent_workers=workers > 0)
-    next(iter(loader))  # imports, worker start, first-call costs
+    mean, std = normalization(spec.augment.normalize, data["mean"], data["std"], x.shape[-1])
+    inputs = build_inputs(spec.augment, runtime.loader, x, y, mean, std, spec.batch_size, 0,
+                          torch.device("cpu"), runtime.channels_last, threads)
+    batches = inputs.epoch(0, 0)
+    next(batches)  # imports, worker start, first-call costs
     start = time.perf_counter()
-    images = sum(len(yb) for _, yb in loader)
+    images = sum(len(yb) for _, yb in batches)
     return images / (time.perf_counter() - start)
 
 
@@ -162,9 +210,9 @@ def augmentation(data, steps, threads, step_ips, n_images) -> dict:
     torch.set_num_threads(threads)
     out = {}
     for name, (aug, workers) in PIPELINES.items():
-        ips = pipeline_images_per_second(aug, workers, data, n_images, 64)
-        spec = make_spec(augment=aug, loader={"num_workers": workers})
-        t = trainer_epoch(spec, take(data, steps * spec["batch_size"], 64), threads)
+        spec, runtime = bench_specs({"augment": aug}, {"loader": {"num_workers": workers}})
+        ips = pipeline_images_per_second(spec, runtime, data, n_images, threads)
+        t = trainer_epoch(spec, runtime, take(data, steps * spec.batch_size, 64), threads)
         out[name] = {"images_per_second": ips, "times_training_step": ips / step_ips, "num_workers": workers,
                      "trainer_images_per_second": t["images_per_second"],
                      "data_wait_fraction": t["data_wait_fraction"]}
@@ -181,23 +229,38 @@ def softmax(z):
 
 
 def ensemble_analysis(members=11, images=10_000, classes=10, seed=0) -> dict:
-    """One call of each public function of cifar_ensembles.ensemble and .metrics (whatever
-    exists at run time), with arguments chosen by parameter name; unknown ones are skipped."""
+    """The ensemble stage's computation (stages.ensemble.analyse, config.yaml's `ensemble:`),
+    then one call of each public function of cifar_ensembles.ensemble and .metrics (whatever
+    exists at run time), with arguments chosen by parameter name (config.yaml's `ensemble:`
+    values for its settings); unknown ones are skipped."""
     from cifar_ensembles import ensemble, metrics
+    from cifar_ensembles.spec import EnsembleSpec
+    from cifar_ensembles.stages.ensemble import analyse
+    from cifar_ensembles.typed import from_data
 
+    spec = from_data(EnsembleSpec, config()["ensemble"], "ensemble")
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, classes, images)
-    logits = rng.normal(0, 2, (members, images, classes))
-    logits[:, np.arange(images), labels] += 2.0  # members right ~70% of the time
-    probs = softmax(logits).astype(np.float32)
+
+    def member_probs():
+        logits = rng.normal(0, 2, (members, images, classes))
+        logits[:, np.arange(images), labels] += 2.0  # members right ~70% of the time
+        return softmax(logits).astype(np.float32)
+
+    probs, val_probs = member_probs(), member_probs()
+    start = time.perf_counter()
+    analyse(list(range(members)), val_probs, labels, probs, labels, spec)
+    stage_seconds = time.perf_counter() - start
+
     mean_probs = probs.mean(axis=0)
     correct = mean_probs.argmax(-1) == labels
     k = min(6, members)
-    subsets = np.array(list(itertools.combinations(range(members), k))[:500], dtype=np.int64)
-    indices = rng.integers(0, images, (1000, images), dtype=np.int32)
+    subsets = np.array(list(itertools.combinations(range(members), k))[:spec.max_subsets], dtype=np.int64)
+    indices = metrics.bootstrap_indices(images, spec.bootstrap, spec.bootstrap_seed)
     common = {
         "labels": labels, "y": labels, "val_labels": labels, "test_labels": labels,
-        "subsets": subsets, "m": members, "k": k, "n": images, "n_resamples": 1000, "seed": 0,
+        "subsets": subsets, "m": members, "k": k, "n": images, "n_resamples": spec.bootstrap,
+        "seed": spec.subset_seed, "max_subsets": spec.max_subsets, "n_bins": spec.ece_bins,
         "temperature": 1.5, "correct": correct, "correct_a": correct,
         "correct_b": probs[0].argmax(-1) == labels, "indices": indices,
         "val_curve": np.linspace(0.8, 0.9, members), "curve": np.linspace(0.8, 0.9, members),
@@ -232,32 +295,30 @@ def ensemble_analysis(members=11, images=10_000, classes=10, seed=0) -> dict:
                 continue
             timings[label] = time.perf_counter() - start
     core = [f"ensemble.{n}" for n in ("first_k_accuracy", "soft_vote", "hard_vote")]
-    return {"shape": [members, images, classes], "seconds": timings, "skipped": skipped,
-            "core_seconds": sum(timings.get(n, 0.0) for n in core),
+    return {"shape": [members, images, classes], "stage_seconds": stage_seconds, "seconds": timings,
+            "skipped": skipped, "core_seconds": sum(timings.get(n, 0.0) for n in core),
             "total_seconds": sum(timings.values())}
 
 
 # ------------------------------------------------------------------------------ dry run
-def dry_run(experiments=4, seeds=11) -> dict:
-    names = [f"bench{i}" for i in range(experiments)]
-    optimizers = [{"name": "sgd", "lr": 0.05}, {"name": "adam", "lr": 1e-3},
-                  {"name": "sam", "lr": 0.05}, {"name": "asam", "lr": 0.05}]
-    config = {"dataset": "fashion_mnist", "data": {"source": "/usr/share/datasets/fashion-mnist"},
-              "run_experiments": names,
-              "experiments": {n: {"seeds": list(range(seeds)), "epochs": 3,
-                                  "optimizer": optimizers[i % len(optimizers)],
-                                  "model": {"name": "resnet18_cifar", "width": 16, "pretrained": False,
-                                            "input_size": None}}
-                              for i, n in enumerate(names)}}
+def dry_run(seeds=11) -> dict:
+    """`snakemake -n` over the demo preset with 4 experiments of `seeds` seeds each: the
+    demo's two (single_asam, ensemble_adam; so every setting that names one of them still
+    holds) and two more (SGD, ASAM)."""
+    experiments = {"single_asam": {}, "ensemble_adam": {}, "bench_sgd": {"optimizer": {"name": "sgd"}},
+                   "bench_asam": {"optimizer": {"name": "asam"}}}
+    names = list(experiments)
+    bench = {"run_experiments": names,
+             "experiments": {n: {"seeds": list(range(seeds)), **own} for n, own in experiments.items()}}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "bench.yaml"
-        cfg.write_text(json.dumps(config))  # JSON is YAML
+        cfg.write_text(json.dumps(bench))  # JSON is YAML
         cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(Path(tmp) / "wd"),
-               "-n", "--configfile", str(cfg), "--cores", "1"]
+               "-n", "--configfile", str(DEMO), str(cfg), "--cores", "1"]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         seconds = time.perf_counter() - start
-    out = {"experiments": experiments, "seeds": seeds, "seconds": seconds, "returncode": proc.returncode}
+    out = {"experiments": names, "seeds": seeds, "seconds": seconds, "returncode": proc.returncode}
     match = re.search(r"^total\s+(\d+)", proc.stdout + proc.stderr, re.M)
     if match:
         out["jobs"] = int(match.group(1))
@@ -269,20 +330,20 @@ def dry_run(experiments=4, seeds=11) -> dict:
 
 # ------------------------------------------------------------------ threads: 2 x 1 vs 1 x 2
 def threads_comparison(data, seconds) -> dict:
-    from cifar_ensembles import prepare
-
-    spec = make_spec(optimizer={"name": "adam", "lr": 2e-3, "weight_decay": 0.0},
-                     augment={"name": "torchvision"})  # the demo's ensemble_adam job
+    """The demo's ensemble_adam job: two 1-thread processes side by side, then one 2-thread
+    process, each training for `seconds` (aggregate images/s)."""
+    spec, runtime = experiment_specs("ensemble_adam", presets=(DEMO,))
+    jobs = [task("ensemble_adam", spec, runtime)]
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "data.npz"
-        prepare.write(path, take(data, 4096, 64))
-        jobs = [{"spec": spec, "threads": 1, "seed": s} for s in (0, 1)]
-        two_single = run_concurrent(jobs, str(path), seconds)
+        path = write_data(Path(tmp) / "data.npz", take(data, 4096, 64))
+        with WorkerPool([jobs, jobs], path, threads=1) as pool:
+            two_single = pool.run({0: 0, 1: 0}, seconds)
         log(f"  2 jobs x 1 thread: {two_single['aggregate_images_per_second']:.0f} img/s")
-        one_double = run_concurrent([{"spec": spec, "threads": 2, "seed": 0}], str(path), seconds)
+        with WorkerPool([jobs], path, threads=2) as pool:
+            one_double = pool.run({0: 0}, seconds)
         log(f"  1 job x 2 threads: {one_double['aggregate_images_per_second']:.0f} img/s")
     a, b = two_single["aggregate_images_per_second"], one_double["aggregate_images_per_second"]
-    return {"config": describe(spec), "seconds": seconds, "two_jobs_one_thread": two_single,
+    return {"config": describe(spec, runtime), "seconds": seconds, "two_jobs_one_thread": two_single,
             "one_job_two_threads": one_double, "two_x1_vs_one_x2": a / b}
 
 
@@ -292,25 +353,29 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "throughput.json"))
     p.add_argument("--threads", type=int, default=1, help="torch threads per measurement (default 1)")
-    p.add_argument("--quick", action="store_true", help="smaller samples (about a minute)")
+    p.add_argument("--quick", action="store_true", help="smaller samples (under a minute)")
     p.add_argument("--skip", nargs="*", default=[], choices=["threads", "dry_run", "settings"],
                    help="sections to leave out")
     a = p.parse_args(argv)
-    steps, rounds, sam_steps, seconds, n_aug = (6, 1, 2, 6, 1024) if a.quick else (20, 3, 6, 20, 4096)
+    steps, rounds, step_rounds, step_steps, seconds, n_aug = (
+        (6, 1, 5, 4, 6, 1024) if a.quick else (20, 3, 9, 8, 20, 4096))
     t0 = time.perf_counter()
     results = {"machine": machine(), "threads": a.threads, "quick": a.quick}
+    torch.set_num_threads(a.threads)
+
+    log("what one training step dispatches (benchmarks.dispatch) ...")
+    results["dispatch"] = disp = dispatch_counts()
+    log("step time of SAM, ASAM, ASAM+EMA over SGD (width 4, batch 16, ASL) ...")
+    results["step_times"] = st = step_times(step_steps, step_rounds, a.threads)
     data, source = load_fashion_mnist()
     results["data"] = {"source": source, "train_images": int(len(data["y_train"])),
                        "shape": list(data["x_train"].shape[1:])}
     torch.set_num_threads(a.threads)
-
     log("trainer vs bare loop ...")
     results["trainer_vs_bare"] = tvb = trainer_vs_bare(data, steps, rounds, a.threads)
     if "settings" not in a.skip:
         log("speed settings ...")
         results["settings"] = settings(data, steps, a.threads, tvb["trainer_images_per_second"])
-    log("SAM / ASAM vs SGD ...")
-    results["sam"] = sam = sam_vs_sgd(data, sam_steps, rounds, a.threads)
     log("augmentation pipelines and data wait ...")
     results["augmentation"] = aug = augmentation(data, steps, a.threads, tvb["bare_images_per_second"], n_aug)
     log("ensemble analysis ...")
@@ -328,13 +393,16 @@ def main(argv=None) -> int:
 
     waits = {name: v["data_wait_fraction"] for name, v in aug.items()}
     results.update({
+        "ops_per_step": disp["ops_per_step"],
+        "host_syncs_per_step": disp["host_syncs_per_step"],
+        "asam_ema_vs_sgd_ops": disp["asam_ema_vs_sgd_ops"],
+        "step_time_ratio": st["ratio"],
         "trainer_vs_bare_ratio": tvb["ratio"],
-        "sam_vs_sgd_ratio": sam["sam_vs_sgd_ratio"],
-        "asam_vs_sgd_ratio": sam["asam_vs_sgd_ratio"],
-        # the batched path (augment.device: gpu) is the fast input path; every path is listed
+        # the batched path is the fast input path; every path is listed
         "data_wait_fraction": waits[BATCHED],
         "data_wait_fraction_max": max(waits.values()),
         "data_wait_fraction_by_pipeline": waits,
+        "ensemble_stage_seconds": ens["stage_seconds"],
         "ensemble_analysis_seconds": ens["total_seconds"],
         "ensemble_core_seconds": ens["core_seconds"],
         "dry_run_seconds": dry["seconds"],
@@ -348,24 +416,31 @@ def main(argv=None) -> int:
     return 0
 
 
-def verdict(key, value):
-    if key not in GOALS or value is None:
+def verdict(goal, value):
+    if value is None:
         return ""
-    op, goal = GOALS[key]
-    ok = value >= goal if op == ">=" else value <= goal
-    return f"goal {op} {goal}: {'met' if ok else 'MISSED'}"
+    op, target = GOALS[goal]
+    ok = value >= target if op == ">=" else value <= target
+    return f"goal {op} {target}: {'met' if ok else 'MISSED'}"
 
 
 def report(r: dict) -> str:
-    tvb, sam = r["trainer_vs_bare"], r["sam"]
-    rows = [
+    tvb, st = r["trainer_vs_bare"], r["step_times"]
+    ops, syncs = r["ops_per_step"], r["host_syncs_per_step"]
+    rows = [(f"ops / host syncs per step, {name}", f"{ops[name]} / {syncs[name]}",
+             verdict("host_syncs", syncs[name]).replace("<= 0", "0 syncs")) for name in ops]
+    rows += [
+        ("asam_ema ops / sgd ops", r["asam_ema_vs_sgd_ops"], verdict("ops_ratio", r["asam_ema_vs_sgd_ops"])),
+        ("SGD step ms (w4 b16 ASL)", 1000 * st["step_seconds"]["sgd"], st["config"]),
+    ]
+    for name, ratio in r["step_time_ratio"].items():
+        rows.append((f"step_time_ratio {name} / sgd", ratio,
+                     verdict("step_time_ratio", ratio) if name in ("sam", "asam_ema") else ""))
+    rows += [
         ("trainer images/s", tvb["trainer_images_per_second"], tvb["config"]),
         ("bare loop images/s", tvb["bare_images_per_second"], "same model, batch, SGD, device"),
         ("trainer_vs_bare_ratio", r["trainer_vs_bare_ratio"],
          verdict("trainer_vs_bare_ratio", r["trainer_vs_bare_ratio"])),
-        ("SGD step ms", 1000 * sam["step_seconds"]["sgd"], ""),
-        ("sam_vs_sgd_ratio", r["sam_vs_sgd_ratio"], verdict("sam_vs_sgd_ratio", r["sam_vs_sgd_ratio"])),
-        ("asam_vs_sgd_ratio", r["asam_vs_sgd_ratio"], verdict("asam_vs_sgd_ratio", r["asam_vs_sgd_ratio"])),
     ]
     for name, v in r["augmentation"].items():
         rows.append((f"aug {name} images/s", v["images_per_second"],
@@ -377,6 +452,8 @@ def report(r: dict) -> str:
                  + verdict("data_wait_fraction", r["data_wait_fraction"])))
     for name, ips in (r.get("settings") or {}).items():
         rows.append((f"trainer {name} images/s", ips, ""))
+    rows.append(("ensemble_stage_seconds", r["ensemble_stage_seconds"],
+                 "stages.ensemble.analyse, 11 x 10,000 x 10, config.yaml's ensemble:"))
     rows.append(("ensemble_analysis_seconds", r["ensemble_analysis_seconds"],
                  f"{len(r['ensemble']['seconds'])} functions, 11 x 10,000 x 10 "
                  f"(first_k + votes: {r['ensemble_core_seconds']:.3f} s)"))

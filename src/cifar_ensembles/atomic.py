@@ -45,13 +45,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def all_or_none(*paths: str | os.PathLike) -> Iterator[None]:
+    """Around the writes of a stage with several outputs: when one fails (a full disk, say),
+    the others are removed too, those written before it included, so that no output of a
+    failed run looks finished (nor mixes with a previous run's)."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            with contextlib.suppress(OSError):
+                Path(path).unlink(missing_ok=True)
+        raise
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:

@@ -19,11 +19,13 @@ from .errors import UserError
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75
 SPEC_OF = {"download": "SourceSpec", "download-weights": "WeightsSpec", "prepare": "SplitSpec",
-           "train": "TrainingSpec", "predict": "PredictSpec", "ensemble": "EnsembleSpec"}
+           "train": "TrainingSpec", "predict": "PredictSpec", "ensemble": "EnsembleSpec",
+           "shift-set": "ShiftSetSpec", "predict-shift": "PredictSpec", "shift": "EnsembleSpec"}
 
 
 # The shapes of the JSON file maps the rules pass, checked like specs.
 FILES_BY_EXPERIMENT = dict[str, str]  # {experiment: ensemble.json}
+FILES_BY_CORRUPTION = dict[str, str]  # {corruption: file}
 RUN_FILES = dict[str, dict[str, dict[str, str]]]  # {experiment: {seed: {benchmark: tsv, history: csv}}}
 PROBS_BY_SEED = dict[str, dict[str, str]]  # {experiment: {seed: probs_test.npy}}
 
@@ -106,6 +108,40 @@ def cmd_compare(a) -> None:
     compare_to_files(_files(PROBS_BY_SEED, a.experiments, "--experiments"), a.data, a.out)
 
 
+def cmd_shift_set(a) -> None:
+    from .stages.shift import make_shift_set
+
+    x = make_shift_set(a.dataset, a.corruption, _spec(SPEC_OF[a.command], a.spec), a.data, a.out)
+    print(f"{a.corruption}: severities 1-5 of {x.shape[1]} test images -> {a.out}", file=sys.stderr)
+
+
+def cmd_predict_shift(a) -> None:
+    from .gpu_claim import claim_gpu_for_job
+    from .stages.shift import predict_shift
+
+    spec = _spec(SPEC_OF[a.command], a.spec)
+    claim_gpu_for_job(spec.device, None, jobs_per_gpu=8)  # one slot, as predict
+    predict_shift(a.models, a.set, a.out, spec, a.threads)
+
+
+def cmd_shift(a) -> None:
+    from .stages.shift import BaselineFiles, shift_summary_to_file
+    from .typed import from_json
+
+    baseline = from_json(BaselineFiles | None, a.baseline, "--baseline")
+    shift_summary_to_file(a.experiment, a.summary, a.test, _files(FILES_BY_CORRUPTION, a.shift, "--shift"),
+                          _files(FILES_BY_CORRUPTION, a.sets, "--sets"), a.data,
+                          _spec(SPEC_OF[a.command], a.spec), baseline, a.out)
+
+
+def cmd_diversity(a) -> None:
+    from .stages.shift import diversity_to_file
+    from .typed import from_json
+
+    diversity_to_file(a.seeds, a.test, a.data, from_json(FILES_BY_CORRUPTION, a.shift, "--shift"),
+                      from_json(FILES_BY_CORRUPTION, a.sets, "--sets"), a.out)
+
+
 def _published(text: str, one_experiment: bool):
     """report.published (JSON): all experiments' entries, or one experiment's (or null)."""
     from .spec import PublishedSpec
@@ -116,7 +152,8 @@ def _published(text: str, one_experiment: bool):
 
 
 def cmd_report(a) -> None:
-    from .stages import report
+    from .stages import report, shift_figures
+    from .typed import from_json
 
     if a.what == "curves":
         report.plot_training_curves(a.histories, a.experiment, a.out, a.dpi)
@@ -128,12 +165,19 @@ def cmd_report(a) -> None:
         report.plot_accuracy_bars(_files(FILES_BY_EXPERIMENT, a.experiments, "--experiments"), a.out, a.dpi)
     elif a.what == "cost":
         report.plot_cost(_files(RUN_FILES, a.runs, "--runs"), a.out, a.dpi)
+    elif a.what == "shift":
+        shift_figures.plot_shift(_files(FILES_BY_EXPERIMENT, a.summaries, "--summaries"), a.out, a.dpi)
+    elif a.what == "diversity":
+        shift_figures.plot_diversity(a.diversity, a.summary, a.experiment, a.out, a.dpi)
     else:
         experiments = _files(FILES_BY_EXPERIMENT, a.experiments, "--experiments")
         runs = _files(RUN_FILES, a.runs, "--runs")
         if set(runs) != set(experiments):
             raise UserError("--runs: must name the same experiments as --experiments")
-        report.write_summary(experiments, runs, a.comparisons, _published(a.published, False), *a.out)
+        shift = from_json(FILES_BY_EXPERIMENT, a.shift, "--shift")
+        diversity = from_json(FILES_BY_EXPERIMENT, a.diversity, "--diversity")
+        report.write_summary(experiments, runs, a.comparisons, _published(a.published, False), *a.out,
+                             shift=shift, diversity=diversity)
 
 
 def _add_report_parsers(sub) -> None:
@@ -164,10 +208,18 @@ def _add_report_parsers(sub) -> None:
     s = figure("cost", "cost per model")
     s.add_argument("--runs", required=True,
                    help="{name: {seed: {benchmark: tsv, history: csv}}}")
+    s = figure("shift", "accuracy and ECE against severity, every experiment")
+    s.add_argument("--summaries", required=True, help="{name: shift.json}")
+    s = figure("diversity", "disagreement between members, gain against ensemble size")
+    s.add_argument("--experiment", required=True)
+    s.add_argument("--diversity", required=True, help="diversity.json")
+    s.add_argument("--summary", required=True, help="ensemble.json")
     s = what.add_parser("summary", help="summary.md and summary.csv")
     s.add_argument("--experiments", required=True, help="{name: ensemble.json}")
     s.add_argument("--runs", required=True)
     s.add_argument("--comparisons", required=True, help="comparisons.json")
+    s.add_argument("--shift", required=True, help="{name: shift.json} ({} when the shift stage is off)")
+    s.add_argument("--diversity", required=True, help="{name: diversity.json}")
     s.add_argument("--published", required=True, help="report.published (JSON)")
     s.add_argument("--out", nargs=2, required=True, metavar=("MD", "CSV"))
     p.set_defaults(func=cmd_report)
@@ -234,6 +286,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--experiments", required=True, help="{name: {seed: probs_test.npy}}")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("shift-set", help="one corruption at severities 1-5 of the test split")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--corruption", required=True)
+    s.add_argument("--spec", required=True, help="{source, md5, images, seed, corruption} (JSON)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_shift_set)
+
+    s = sub.add_parser("predict-shift", help="an experiment's members on one corrupted set")
+    s.add_argument("--models", required=True, nargs="+", help="model.pt per seed, in seed order")
+    s.add_argument("--set", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--spec", required=True, help="{device, batch_size} (JSON)")
+    s.add_argument("--threads", required=True, type=int)
+    s.set_defaults(func=cmd_predict_shift)
+
+    s = sub.add_parser("shift", help="scores under shift, corruption error, the ensemble's gain")
+    s.add_argument("--experiment", required=True)
+    s.add_argument("--summary", required=True, help="ensemble.json")
+    s.add_argument("--test", required=True, nargs="+", help="probs_test.npy per seed, in seed order")
+    s.add_argument("--shift", required=True, help="{corruption: shift probabilities .npy}")
+    s.add_argument("--sets", required=True, help="{corruption: set .npz}")
+    s.add_argument("--data", required=True)
+    s.add_argument("--spec", required=True, help="the ensemble spec (JSON)")
+    s.add_argument("--baseline", required=True,
+                   help="{name, summary, test, shift} of shift.baseline, or null")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_shift)
+
+    s = sub.add_parser("diversity", help="disagreement, KL, oracle accuracy, NLL gain of the members")
+    s.add_argument("--seeds", required=True, type=int, nargs="+")
+    s.add_argument("--test", required=True, nargs="+", help="probs_test.npy per seed, in seed order")
+    s.add_argument("--data", required=True)
+    s.add_argument("--shift", required=True, help="{corruption: shift probabilities .npy} (may be {})")
+    s.add_argument("--sets", required=True, help="{corruption: set .npz}")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_diversity)
 
     _add_report_parsers(sub)
     return p

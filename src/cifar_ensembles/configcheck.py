@@ -179,6 +179,14 @@ def check_semantics(config: dict, spec: WorkflowSpec) -> None:
                 f"{origin(config, name, 'training', 'model', 'pretrained')}: ImageNet weights exist only for "
                 f"{', '.join(PRETRAINED_MODELS)}, but experiment {name!r} uses "
                 f"{origin(config, name, 'training', 'model', 'name')} = {model.name}; set pretrained: false")
+    for name in spec.shift.run_corruptions or ():
+        if name not in spec.shift.corruptions:
+            raise UserError(f"shift.run_corruptions: {name!r} is not a corruption in the config"
+                            f"{_suggest(name, spec.shift.corruptions)}")
+    baseline = spec.shift.baseline
+    if spec.selected_corruptions and baseline is not None and baseline not in spec.selected:
+        raise UserError(f"shift.baseline: {baseline!r} is not among the experiments this run builds "
+                        f"({', '.join(spec.selected)}); name one of them, or null for no corruption error")
     _check_split(spec)
 
 

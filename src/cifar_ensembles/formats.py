@@ -19,7 +19,9 @@ import io
 import json
 import math
 import os
+import re
 import typing
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -47,32 +49,47 @@ class DamagedFile(UserError):
         super().__init__(f"{path}: {problem}; {hint or rebuild_hint(path)}")
 
 
+def _weights_only_reason(text: str) -> str:
+    """What torch's weights-only unpickler refused, from its long message."""
+    refused = re.search(r"GLOBAL (\S+)", text)
+    if refused:
+        return (f"its pickle asks for {refused.group(1).rstrip('.')}, which is refused "
+                "(only tensors and plain data are read)")
+    after = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
+    lines = [line.strip() for line in after.splitlines()
+             if line.strip() and not line.strip().startswith("Check the documentation")]
+    return f"the weights-only reader refuses it: {(lines or ['unsupported content'])[0][:200]}"
+
+
 def error_line(err: BaseException) -> str:
-    """`err` in one line: its type and first line (torch's can span many)."""
+    """`err` in one line: its type and first line (torch's can span many). The advice torch and
+    numpy give for a file that holds code (load it unsafely) is not passed on."""
     text = str(err).replace("\x1b[1m", "").replace("\x1b[0m", "").strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if lines and lines[0].startswith("Weights only load failed"):
-        # torch's first line advises loading with weights_only=False, which would run whatever
-        # code the file holds; the reason (e.g. the refused global) comes after it
-        rest = [line.split("WeightsUnpickler error: ")[-1] for line in lines[1:]
-                if not line.startswith("Check the documentation")]
-        return (f"{err.__class__.__name__}: refused, it holds more than tensors and plain data: "
-                f"{(rest or ['unsupported content'])[0][:200]}")
+        return f"{err.__class__.__name__}: {_weights_only_reason(text)}"
+    if "allow_pickle" in text:
+        return f"{err.__class__.__name__}: it holds pickled Python objects, refused (allow_pickle=False)"
     return f"{err.__class__.__name__}: {(lines or [''])[0][:200]}"
 
 
-_first_line = error_line
+def load_weights_only(path: str | os.PathLike):
+    """`torch.load(path, weights_only=True)` onto the CPU, without torch's warnings (a pickle
+    protocol it does not expect makes it warn before it fails): one line is all a bad file gives."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _torch_load(path, what: str, hint: str | None = None) -> dict:
-    import torch
-
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_weights_only(path)
     except FileNotFoundError:
         raise DamagedFile(path, "missing", hint) from None
     except Exception as err:  # truncated zip, a pickle that is not plain data, ...
-        raise DamagedFile(path, f"not a readable {what} ({_first_line(err)})", hint) from None
+        raise DamagedFile(path, f"not a readable {what} ({error_line(err)})", hint) from None
     return obj
 
 
@@ -172,7 +189,7 @@ def read_history(path: str | os.PathLike) -> list[HistoryRow]:
     except FileNotFoundError:
         raise DamagedFile(path, "missing") from None
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise DamagedFile(path, f"not a readable history ({_first_line(err)})") from None
+        raise DamagedFile(path, f"not a readable history ({error_line(err)})") from None
     if header is None or tuple(header) != HISTORY_FIELDS:
         raise DamagedFile(path, f"damaged history (header must be {','.join(HISTORY_FIELDS)})")
     if not lines:
@@ -375,6 +392,114 @@ class EnsembleSummary:
         return None
 
 
+# ------------------------------------------------------------------ shift.json, diversity.json
+SHIFT_FORMAT = "cifar-ensembles/shift-1"
+DIVERSITY_FORMAT = "cifar-ensembles/diversity-1"
+
+
+@dataclass(frozen=True)
+class Scores:
+    accuracy: float
+    nll: float
+    brier: float
+    ece: float
+    scaled: Calibration  # after the temperature fitted on validation
+
+
+@dataclass(frozen=True)
+class SetScores:
+    """One (corruption, severity) set; the clean test split is corruption "none", severity 0."""
+
+    corruption: str
+    severity: int
+    singles: list[Scores]  # one per seed
+    single_mean: Scores  # the mean of the singles' scores
+    ensemble: Scores  # the chosen ensemble
+
+
+@dataclass(frozen=True)
+class SeverityGain:
+    severity: int
+    single_accuracy: float  # mean over seeds and corruptions
+    ensemble_accuracy: float
+    gain: float
+    ci: tuple[float, float]  # paired bootstrap over images
+
+
+@dataclass(frozen=True)
+class CorruptionErrors:
+    baseline: str
+    single: dict[str, float | None]  # corruption -> CE of the mean single model (None: undefined)
+    ensemble: dict[str, float | None]
+    mce_single: float | None
+    mce_ensemble: float | None
+    relative_mce_single: float | None
+    relative_mce_ensemble: float | None
+
+
+@dataclass(frozen=True)
+class ShiftSummary:
+    experiment: str
+    seeds: list[int]
+    members: list[int]  # the chosen ensemble's
+    method: str
+    images: int
+    corruptions: list[str]
+    clean: SetScores
+    sets: list[SetScores]
+    by_severity: list[SeverityGain]
+    corruption_error: CorruptionErrors | None
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json(path, {"format": SHIFT_FORMAT, **to_data(self)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ShiftSummary:
+        body = _check_format(read_json(path, "shift summary"), SHIFT_FORMAT, path, "shift summary")
+        summary = _typed(cls, body, path, "shift summary")
+        expected = {(c, s) for c in summary.corruptions for s in range(1, 6)}
+        found = [(x.corruption, x.severity) for x in summary.sets]
+        if set(found) != expected or len(found) != len(expected):
+            raise DamagedFile(path, "damaged shift summary (sets are not one per corruption and severity)")
+        if any(len(x.singles) != len(summary.seeds) for x in [summary.clean, *summary.sets]):
+            raise DamagedFile(path, "damaged shift summary (singles are not one per seed)")
+        return summary
+
+
+@dataclass(frozen=True)
+class DiversityStats:
+    disagreement: float  # mean over member pairs
+    kl: float
+    oracle_accuracy: float
+    mean_member_accuracy: float
+    mean_member_nll: float
+    ensemble_nll: float
+    gain: float  # mean member NLL - ensemble NLL
+
+
+@dataclass(frozen=True)
+class DiversitySummary:
+    seeds: list[int]
+    disagreement: list[list[float]]  # on test, member x member
+    kl: list[list[float]]
+    test: DiversityStats
+    by_severity: dict[str, DiversityStats]  # "1".."5", pooled over corruptions
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json(path, {"format": DIVERSITY_FORMAT, **to_data(self)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DiversitySummary:
+        body = _check_format(read_json(path, "diversity summary"), DIVERSITY_FORMAT, path,
+                             "diversity summary")
+        summary = _typed(cls, body, path, "diversity summary")
+        m = len(summary.seeds)
+        if any(len(matrix) != m or any(len(row) != m for row in matrix)
+               for matrix in (summary.disagreement, summary.kl)):
+            raise DamagedFile(path, "damaged diversity summary (matrices are not members x members)")
+        return summary
+
+
 # ------------------------------------------------------------------ comparisons.json
 @dataclass(frozen=True)
 class SeedComparison:
@@ -429,7 +554,7 @@ def read_json(path: str | os.PathLike, what: str):
     except FileNotFoundError:
         raise DamagedFile(path, "missing") from None
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise DamagedFile(path, f"not a readable {what} ({_first_line(err)})") from None
+        raise DamagedFile(path, f"not a readable {what} ({error_line(err)})") from None
 
 
 def load_probabilities(path: str | os.PathLike) -> np.ndarray:
@@ -439,7 +564,7 @@ def load_probabilities(path: str | os.PathLike) -> np.ndarray:
     except FileNotFoundError:
         raise DamagedFile(path, "missing") from None
     except (OSError, ValueError, EOFError) as err:
-        raise DamagedFile(path, f"not a probability array ({_first_line(err)})") from None
+        raise DamagedFile(path, f"not a probability array ({error_line(err)})") from None
     if not isinstance(probs, np.ndarray) or probs.ndim != 2 or probs.dtype.kind != "f" or probs.shape[1] < 2:
         raise DamagedFile(path, f"not a probability array (shape {getattr(probs, 'shape', '?')}, "
                                 f"dtype {getattr(probs, 'dtype', '?')})")
@@ -461,7 +586,7 @@ def read_benchmark_seconds(path: str | os.PathLike) -> float:
     except FileNotFoundError:
         raise DamagedFile(path, "missing") from None
     except (OSError, StopIteration, KeyError, ValueError, TypeError, csv.Error) as err:
-        raise DamagedFile(path, f"not a Snakemake benchmark file ({_first_line(err)})") from None
+        raise DamagedFile(path, f"not a Snakemake benchmark file ({error_line(err)})") from None
     if not math.isfinite(seconds) or seconds < 0:
         raise DamagedFile(path, f"damaged benchmark file (s = {seconds})")
     return seconds

@@ -93,11 +93,11 @@ def load_pretrained(model: nn.Module, weights_file: str | os.PathLike) -> None:
     A grayscale input keeps the pretrained first layer by summing it over colour channels.
     """
     net = model.net if isinstance(model, Resized) else model
-    try:
-        state = torch.load(weights_file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch's messages can span lines (weights_only): one line
-        from .formats import error_line
+    from .formats import error_line, load_weights_only
 
+    try:
+        state = load_weights_only(weights_file)
+    except Exception as err:  # torch's messages can span lines (weights_only): one line
         raise UserError(f"pretrained_weights.file: {weights_file}: cannot load as torch weights "
                         f"({error_line(err)})") from None
     if not isinstance(state, dict):

@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import UserError
 from .typed import from_data, to_data
@@ -241,6 +241,41 @@ class EnsembleSpec:
     ece_bins: int
 
 
+CorruptionTransform = Literal["GaussNoise", "ShotNoise", "SaltAndPepper", "Defocus", "MotionBlur",
+                              "GlassBlur", "ZoomBlur", "GaussianBlur", "RandomFog", "RandomSnow", "Spatter",
+                              "RandomBrightnessContrast", "ColorJitter", "ImageCompression", "Downscale",
+                              "ElasticTransform"]
+
+
+@dataclass(frozen=True)
+class CorruptionSpec:
+    transform: CorruptionTransform
+    reference: str  # where the parameters come from
+    severities: list[dict[str, Any]]  # albumentations keyword arguments of severity 1..5
+
+
+@dataclass(frozen=True)
+class ShiftSpec:
+    run_corruptions: tuple[str, ...] | None
+    source: str | None
+    md5: str | None
+    images: int | None
+    seed: int
+    baseline: str | None
+    corruptions: dict[str, CorruptionSpec]
+
+
+@dataclass(frozen=True)
+class ShiftSetSpec:
+    """What one corrupted set depends on (a slice of ShiftSpec): the shift stage's argument."""
+
+    source: str | None
+    md5: str | None
+    images: int | None
+    seed: int
+    corruption: CorruptionSpec
+
+
 @dataclass(frozen=True)
 class PublishedSpec:
     note: str
@@ -261,6 +296,7 @@ class WorkflowSpec:
     pretrained_weights: WeightsSpec
     run_experiments: tuple[str, ...] | None
     experiments: dict[str, ExperimentSpec]
+    shift: ShiftSpec
     ensemble: EnsembleSpec
     report: ReportSpec
 
@@ -276,6 +312,16 @@ class WorkflowSpec:
     @property
     def split(self) -> SplitSpec:
         return SplitSpec(self.data.val_size, self.data.split_seed, self.data.subset)
+
+    @property
+    def selected_corruptions(self) -> list[str]:
+        """The corruptions this run uses: `shift.run_corruptions`, else all of them."""
+        run = self.shift.run_corruptions
+        return list(self.shift.corruptions) if run is None else list(run)
+
+    def shift_set(self, corruption: str) -> ShiftSetSpec:
+        s = self.shift
+        return ShiftSetSpec(s.source, s.md5, s.images, s.seed, s.corruptions[corruption])
 
 
 # ------------------------------------------------------------------ resolution

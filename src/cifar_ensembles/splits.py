@@ -16,7 +16,7 @@ import numpy as np
 
 from .atomic import save_npz
 from .errors import UserError
-from .formats import DamagedFile
+from .formats import DamagedFile, error_line
 from .spec import SplitSpec
 
 
@@ -100,7 +100,10 @@ def load(path: str | os.PathLike, keys: tuple[str, ...] = PREPARED_KEYS) -> dict
     except FileNotFoundError:
         raise DamagedFile(path, "missing") from None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        raise DamagedFile(path, f"not a prepared dataset ({err.__class__.__name__}: {err})") from None
+        raise DamagedFile(path, f"not a prepared dataset ({error_line(err)})") from None
+    foreign = next((k for k, v in data.items() if not isinstance(v, np.ndarray)), None)
+    if foreign:  # np.load hands back the raw bytes of a member that is not in .npy format
+        raise DamagedFile(path, f"not a prepared dataset ({foreign!r} is not a .npy array)")
     check_prepared(data, path)
     return data
 
@@ -111,6 +114,8 @@ def check_prepared(data: dict[str, np.ndarray], path) -> None:
     def bad(problem):
         raise DamagedFile(path, f"damaged prepared dataset ({problem})")
 
+    if "classes" in data and data["classes"].ndim != 1:
+        bad(f"classes must be a list of names, got shape {data['classes'].shape}")
     n_classes = len(data["classes"]) if "classes" in data else None
     for split_name in ("train", "val", "test"):
         x, y = data.get(f"x_{split_name}"), data.get(f"y_{split_name}")

@@ -87,12 +87,58 @@ def member_files(name, split=None):
 
 def all_outputs():
     outputs = [SUMMARY, "results/report/summary.csv"]
-    for figure in ("accuracy", "cost"):
+    for figure in ("accuracy", "cost") + (("shift",) if CORRUPTIONS else ()):
         outputs += [f"results/report/{figure}.{ext}" for ext in ("png", "svg")]
     for experiment in EXPERIMENTS:
-        for figure in ("training_curves", "ensemble_curve", "reliability"):
+        for figure in ("training_curves", "ensemble_curve", "reliability", "diversity"):
             outputs += [f"results/report/{experiment}/{figure}.{ext}" for ext in ("png", "svg")]
     return outputs
+
+
+# ----------------------------------------------------------------------------- shift
+CORRUPTIONS = SPEC.selected_corruptions
+
+
+def shift_set_file(corruption):
+    return f"resources/{DATASET}/shift/{corruption}.npz"
+
+
+def shift_sets():
+    """{corruption: its corrupted test set}."""
+    return {c: shift_set_file(c) for c in CORRUPTIONS}
+
+
+def shift_probs(experiment):
+    """{corruption: the experiment's members' probabilities on it}."""
+    return {c: f"results/{experiment}/shift/{c}.npy" for c in CORRUPTIONS}
+
+
+def shift_jsons():
+    return {e: f"results/{e}/shift.json" for e in EXPERIMENTS} if CORRUPTIONS else {}
+
+
+def diversity_jsons():
+    return {e: f"results/{e}/diversity.json" for e in EXPERIMENTS}
+
+
+def baseline_files():
+    """What the corruption error reads of shift.baseline (null: no corruption error)."""
+    base = SPEC.shift.baseline
+    if base is None:
+        return None
+    return {"name": base, "summary": f"results/{base}/ensemble.json",
+            "test": [f"{run_dir(base, s)}/probs_test.npy" for s in seeds(base)], "shift": shift_probs(base)}
+
+
+def shift_summary_inputs(wildcards):
+    e = wildcards.experiment
+    inputs = {"data": DATA, "summary": f"results/{e}/ensemble.json",
+              "test": [f"{run_dir(e, s)}/probs_test.npy" for s in seeds(e)],
+              "shift": list(shift_probs(e).values()), "sets": list(shift_sets().values())}
+    base = baseline_files()
+    if base is not None:
+        inputs["baseline"] = [base["summary"], *base["test"], *base["shift"].values()]
+    return inputs
 
 
 def ensemble_jsons():

@@ -124,11 +124,61 @@ rule plot_cost:
         "--out {output.png} {output.svg} 2> {log}"
 
 
+rule plot_shift:
+    input:
+        list(shift_jsons().values()),
+    output:
+        png=report(
+            "results/report/shift.png",
+            caption="../report/shift.rst",
+            category="Distribution shift",
+            labels={"figure": "accuracy and ECE under shift"},
+        ),
+        svg="results/report/shift.svg",
+    params:
+        dpi=SPEC.report.dpi,
+        summaries=json.dumps(shift_jsons()),
+    log:
+        "logs/report/shift.log",
+    localrule: True
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "cifar-ensembles report shift --summaries {params.summaries:q} --dpi {params.dpi} "
+        "--out {output.png} {output.svg} 2> {log}"
+
+
+rule plot_diversity:
+    input:
+        diversity="results/{experiment}/diversity.json",
+        ensemble="results/{experiment}/ensemble.json",
+    output:
+        png=report(
+            "results/report/{experiment}/diversity.png",
+            caption="../report/diversity.rst",
+            category="Ensembles",
+            labels={"experiment": "{experiment}", "figure": "member diversity"},
+        ),
+        svg="results/report/{experiment}/diversity.svg",
+    params:
+        dpi=SPEC.report.dpi,
+    log:
+        "logs/report/{experiment}_diversity.log",
+    localrule: True
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "cifar-ensembles report diversity --experiment {wildcards.experiment} --diversity {input.diversity} "
+        "--summary {input.ensemble} --dpi {params.dpi} --out {output.png} {output.svg} 2> {log}"
+
+
 rule summary:
     input:
         ensembles=list(ensemble_jsons().values()),
         runs=flat(run_files()),
         comparisons="results/comparisons.json",
+        shift=list(shift_jsons().values()),
+        diversity=list(diversity_jsons().values()),
     output:
         md=report(SUMMARY, caption="../report/summary.rst", category="Summary",
                   labels={"figure": "summary table"}),
@@ -137,6 +187,8 @@ rule summary:
         experiments=json.dumps(ensemble_jsons()),
         runs=json.dumps(run_files()),
         published=published(),
+        shift=json.dumps(shift_jsons()),
+        diversity=json.dumps(diversity_jsons()),
     log:
         "logs/report/summary.log",
     localrule: True
@@ -144,5 +196,5 @@ rule summary:
         "../../envs/torch.yaml"
     shell:
         "cifar-ensembles report summary --experiments {params.experiments:q} --runs {params.runs:q} "
-        "--comparisons {input.comparisons} --published {params.published:q} "
-        "--out {output.md} {output.csv} 2> {log}"
+        "--comparisons {input.comparisons} --published {params.published:q} --shift {params.shift:q} "
+        "--diversity {params.diversity:q} --out {output.md} {output.csv} 2> {log}"

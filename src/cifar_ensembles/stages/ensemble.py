@@ -14,7 +14,7 @@ import itertools
 import numpy as np
 
 from .. import splits
-from ..atomic import write_text
+from ..atomic import all_or_none, write_text
 from ..ensemble import choose_size, first_k_accuracy, greedy_selection, hard_vote, soft_vote, subset_curve
 from ..errors import UserError
 from ..formats import (
@@ -157,8 +157,9 @@ def ensemble_to_files(data_path, seeds, val_paths, test_paths, spec: EnsembleSpe
     if test.shape[2] != val.shape[2]:
         raise UserError(f"{test_paths[0]}: {test.shape[2]} classes, but {val_paths[0]} has {val.shape[2]}")
     summary = analyse(list(seeds), val, y_val, test, y_test, spec)
-    write_text(csv_path, first_k_csv(summary.first_k))
-    summary.save(json_path)
+    with all_or_none(csv_path, json_path):
+        write_text(csv_path, first_k_csv(summary.first_k))
+        summary.save(json_path)
     return summary
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .. import splits
-from ..atomic import save_npy, write_json
+from ..atomic import all_or_none, save_npy, write_json
 from ..device import resolve_device
 from ..errors import UserError
 from ..formats import DamagedFile, ModelRecord
@@ -51,6 +51,7 @@ def predict_to_files(model_path, data_path, split: str, probs_path, metrics_path
                         "finite); retrain it")
     metrics = {"split": split, "images": int(len(labels)), "accuracy": accuracy(probs, labels),
                "nll": nll(probs, labels)}
-    save_npy(probs_path, probs.astype(np.float32))
-    write_json(metrics_path, metrics)
+    with all_or_none(probs_path, metrics_path):
+        save_npy(probs_path, probs.astype(np.float32))
+        write_json(metrics_path, metrics)
     return metrics

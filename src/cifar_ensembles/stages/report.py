@@ -275,73 +275,93 @@ def _mean_std(values, scale: float = 100.0, unit: str = "%", digits: int = 2) ->
     return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}{unit}"
 
 
+SUMMARY_HEADER = ["experiment", "seeds", "single: val acc", "single: test acc", "single: test NLL",
+                  "single: ECE (→ temp. scaled)", "ensemble (chosen on val)", "ensemble: val acc",
+                  "ensemble: test acc [95% CI]", "ensemble: ECE (→ temp. scaled)", "cost per model",
+                  "the report"]
+
+
+def _summary_row(name: str, s: EnsembleSummary, cost: dict, pub: PublishedSpec | None) -> list[str]:
+    singles, cal = s.singles, s.calibration
+    lo, hi = s.test_ci
+    return [name, str(len(singles)), _mean_std([r.val_accuracy for r in singles]),
+            _mean_std([r.test_accuracy for r in singles]),
+            _mean_std([r.calibration.before.nll for r in singles], 1.0, "", 3),
+            f"{_mean_std([r.calibration.before.ece for r in singles])} → "
+            f"{_mean_std([r.calibration.after.ece for r in singles])}",
+            f"{s.method}, k={s.chosen_k}", _pct(s.val_accuracy),
+            f"{_pct(s.test_accuracy)} [{100 * lo:.2f}, {100 * hi:.2f}]",
+            f"{_pct(cal.before.ece)} → {_pct(cal.after.ece)}",
+            f"{np.mean(cost['seconds']):,.0f} s, {np.mean(cost['images_per_second']):,.0f} img/s",
+            pub.note if pub else "-"]
+
+
+def _csv_row(name: str, s: EnsembleSummary, cost: dict, pub: PublishedSpec | None) -> dict:
+    test = [r.test_accuracy for r in s.singles]
+    cal = s.calibration
+    return {
+        "experiment": name, "seeds": len(s.singles),
+        "single_val_acc_mean": np.mean([r.val_accuracy for r in s.singles]),
+        "single_test_acc_mean": np.mean(test),
+        "single_test_acc_std": np.std(test, ddof=1) if len(test) > 1 else 0.0,
+        "single_test_nll_mean": np.mean([r.calibration.before.nll for r in s.singles]),
+        "single_test_ece_mean": np.mean([r.calibration.before.ece for r in s.singles]),
+        "single_test_ece_scaled_mean": np.mean([r.calibration.after.ece for r in s.singles]),
+        "ensemble_method": s.method, "ensemble_k": s.chosen_k,
+        "ensemble_val_acc": s.val_accuracy, "ensemble_test_acc": s.test_accuracy,
+        "ensemble_test_ci_low": s.test_ci[0], "ensemble_test_ci_high": s.test_ci[1],
+        "ensemble_test_nll": cal.before.nll, "ensemble_test_ece": cal.before.ece,
+        "ensemble_test_ece_scaled": cal.after.ece, "ensemble_temperature": cal.temperature,
+        "greedy_members": " ".join(str(m) for m in s.greedy.members),
+        "greedy_test_acc": s.greedy.test_accuracy,
+        "seconds_per_model": np.mean(cost["seconds"]),
+        "train_images_per_second": np.mean(cost["images_per_second"]),
+        "published_test_acc": pub.test_accuracy if pub else "",
+    }
+
+
+def _comparison_lines(comparisons) -> list[str]:
+    if not comparisons:
+        return []
+    lines = ["", "## Paired comparisons (test split, exact McNemar test)", "",
+             "| A | B | shared seeds | mean single acc A − B | per-seed p-values | "
+             "ensembles of shared seeds: A vs B | p-value |", "|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        per_seed = ", ".join(f"{r.p_value:.3g}" for r in c.per_seed)
+        e = c.ensemble
+        lines.append(f"| {c.a} | {c.b} | {len(c.shared_seeds)} | "
+                     f"{100 * c.mean_single_difference:+.2f} points | {per_seed} | "
+                     f"{_pct(e.accuracy_a)} vs {_pct(e.accuracy_b)} | {e.p_value:.3g} |")
+    return lines
+
+
+def _csv_text(rows: list[dict]) -> str:
+    body = io.StringIO()
+    writer = csv.DictWriter(body, fieldnames=list(rows[0]) if rows else ["experiment"], lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return body.getvalue()
+
+
 def write_summary(ensemble_jsons: dict, runs: dict, comparisons_json,
-                  published: dict[str, PublishedSpec] | None, out_md, out_csv) -> None:
-    """summary.md (tables a reader can scan) and summary.csv (one row per experiment, numbers)."""
+                  published: dict[str, PublishedSpec] | None, out_md, out_csv,
+                  shift: dict | None = None, diversity: dict | None = None) -> None:
+    """summary.md (tables a reader can scan) and summary.csv (one row per experiment, numbers);
+    `shift` and `diversity` ({experiment: json}) add their sections when given."""
+    from .shift_figures import diversity_lines, shift_lines
+
     published = published or {}
     costs = cost_table(runs)
     comparisons = Comparisons.load(comparisons_json).pairs if comparisons_json else []
-    rows, csv_rows = [], []
-    for name, path in ensemble_jsons.items():
-        s = EnsembleSummary.load(path)
-        singles = s.singles
-        val = [r.val_accuracy for r in singles]
-        test = [r.test_accuracy for r in singles]
-        ece = [r.calibration.before.ece for r in singles]
-        ece_t = [r.calibration.after.ece for r in singles]
-        nll = [r.calibration.before.nll for r in singles]
-        cal = s.calibration
-        pub = published.get(name)
-        lo, hi = s.test_ci
-        rows.append([name, str(len(singles)), _mean_std(val), _mean_std(test), _mean_std(nll, 1.0, "", 3),
-                     f"{_mean_std(ece)} → {_mean_std(ece_t)}",
-                     f"{s.method}, k={s.chosen_k}", _pct(s.val_accuracy),
-                     f"{_pct(s.test_accuracy)} [{100 * lo:.2f}, {100 * hi:.2f}]",
-                     f"{_pct(cal.before.ece)} → {_pct(cal.after.ece)}",
-                     f"{np.mean(costs[name]['seconds']):,.0f} s, "
-                     f"{np.mean(costs[name]['images_per_second']):,.0f} img/s",
-                     pub.note if pub else "-"])
-        csv_rows.append({
-            "experiment": name, "seeds": len(singles),
-            "single_val_acc_mean": np.mean(val), "single_test_acc_mean": np.mean(test),
-            "single_test_acc_std": np.std(test, ddof=1) if len(test) > 1 else 0.0,
-            "single_test_nll_mean": np.mean(nll), "single_test_ece_mean": np.mean(ece),
-            "single_test_ece_scaled_mean": np.mean(ece_t),
-            "ensemble_method": s.method, "ensemble_k": s.chosen_k,
-            "ensemble_val_acc": s.val_accuracy, "ensemble_test_acc": s.test_accuracy,
-            "ensemble_test_ci_low": lo, "ensemble_test_ci_high": hi,
-            "ensemble_test_nll": cal.before.nll, "ensemble_test_ece": cal.before.ece,
-            "ensemble_test_ece_scaled": cal.after.ece, "ensemble_temperature": cal.temperature,
-            "greedy_members": " ".join(str(m) for m in s.greedy.members),
-            "greedy_test_acc": s.greedy.test_accuracy,
-            "seconds_per_model": np.mean(costs[name]["seconds"]),
-            "train_images_per_second": np.mean(costs[name]["images_per_second"]),
-            "published_test_acc": pub.test_accuracy if pub else "",
-        })
-    header = ["experiment", "seeds", "single: val acc", "single: test acc", "single: test NLL",
-              "single: ECE (→ temp. scaled)", "ensemble (chosen on val)", "ensemble: val acc",
-              "ensemble: test acc [95% CI]", "ensemble: ECE (→ temp. scaled)", "cost per model", "the report"]
+    summaries = {name: EnsembleSummary.load(path) for name, path in ensemble_jsons.items()}
+    rows = [_summary_row(n, s, costs[n], published.get(n)) for n, s in summaries.items()]
     lines = ["# Summary", "",
              "Single models: mean ± standard deviation over seeds. The ensemble size is chosen on the "
              "validation split and its test accuracy is read once; the interval is a 95% percentile "
              "bootstrap over test images. Temperature scaling is fitted on validation.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+             "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    if comparisons:
-        lines += ["", "## Paired comparisons (test split, exact McNemar test)", "",
-                  "| A | B | shared seeds | mean single acc A − B | per-seed p-values | "
-                  "ensembles of shared seeds: A vs B | p-value |", "|---|---|---|---|---|---|---|"]
-        for c in comparisons:
-            per_seed = ", ".join(f"{r.p_value:.3g}" for r in c.per_seed)
-            e = c.ensemble
-            lines.append(f"| {c.a} | {c.b} | {len(c.shared_seeds)} | "
-                         f"{100 * c.mean_single_difference:+.2f} points | {per_seed} | "
-                         f"{_pct(e.accuracy_a)} vs {_pct(e.accuracy_b)} | {e.p_value:.3g} |")
+    lines += _comparison_lines(comparisons) + shift_lines(shift or {}) + diversity_lines(diversity or {})
     write_text(out_md, "\n".join(lines) + "\n")
-    keys = list(csv_rows[0]) if csv_rows else ["experiment"]
-    body = io.StringIO()
-    writer = csv.DictWriter(body, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    for r in csv_rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    write_text(out_csv, body.getvalue())
+    write_text(out_csv, _csv_text([_csv_row(n, s, costs[n], published.get(n)) for n, s in summaries.items()]))

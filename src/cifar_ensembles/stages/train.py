@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from .. import __version__
-from ..atomic import write_text
+from ..atomic import all_or_none, write_text
 from ..formats import write_history
 from ..spec import RuntimeSpec, TrainingSpec
 from ..training import Trainer
@@ -48,24 +48,26 @@ def train_to_files(spec: TrainingSpec, runtime: RuntimeSpec, data: dict, seed: i
                                                       if k != "device"))
     history = trainer.fit(checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer.model_record().save(out_dir / "model.pt")
-    write_history(out_dir / "history.csv", history)
-    train_seconds = sum(t["seconds"] for t in trainer.timing)
-    wait_seconds = sum(t["data_wait_seconds"] for t in trainer.timing)
-    wait_fraction = round(wait_seconds / train_seconds, 4) if train_seconds else None
-    info = {"seed": seed, "device": str(trainer.device), "threads": threads,
-            "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "train_images": int(len(data["y_train"])), "steps_per_epoch": trainer.steps_per_epoch,
-            "final_weights": "ema" if trainer.ema is not None else "raw",
-            "effective": trainer.effective(),
-            # the epochs this process finished (a resumed run counts only its own)
-            "timing": {"train_seconds": round(train_seconds, 3),
-                       "data_wait_seconds": round(wait_seconds, 3),
-                       "data_wait_fraction": wait_fraction},
-            "versions": versions(), "training": to_data(spec), "runtime": to_data(runtime)}
-    if trainer.device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(trainer.device)
-    write_text(out_dir / "run.yaml", yaml.safe_dump(info, sort_keys=False))
+    # all three or none: a failed write (a full disk) leaves no model.pt that looks finished
+    with all_or_none(out_dir / "model.pt", out_dir / "history.csv", out_dir / "run.yaml"):
+        trainer.model_record().save(out_dir / "model.pt")
+        write_history(out_dir / "history.csv", history)
+        train_seconds = sum(t["seconds"] for t in trainer.timing)
+        wait_seconds = sum(t["data_wait_seconds"] for t in trainer.timing)
+        wait_fraction = round(wait_seconds / train_seconds, 4) if train_seconds else None
+        info = {"seed": seed, "device": str(trainer.device), "threads": threads,
+                "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "train_images": int(len(data["y_train"])), "steps_per_epoch": trainer.steps_per_epoch,
+                "final_weights": "ema" if trainer.ema is not None else "raw",
+                "effective": trainer.effective(),
+                # the epochs this process finished (a resumed run counts only its own)
+                "timing": {"train_seconds": round(train_seconds, 3),
+                           "data_wait_seconds": round(wait_seconds, 3),
+                           "data_wait_fraction": wait_fraction},
+                "versions": versions(), "training": to_data(spec), "runtime": to_data(runtime)}
+        if trainer.device.type == "cuda":
+            info["gpu"] = torch.cuda.get_device_name(trainer.device)
+        write_text(out_dir / "run.yaml", yaml.safe_dump(info, sort_keys=False))
     if checkpoint is not None and Path(checkpoint).exists():
         Path(checkpoint).unlink()
     last = history[-1]

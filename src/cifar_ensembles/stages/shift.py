@@ -1,0 +1,433 @@
+"""The shift stages: corrupted test sets, every model's predictions on them, and what those say.
+
+- `make_shift_set`: one corruption at severities 1..5 of (a stratified subset of) the test
+  split, generated with albumentations or read from a local CIFAR-10-C -> an .npz
+  (x: 5 x N x H x W x C uint8, y, and `index`, the images' positions in the test split).
+- `predict_shift`: one experiment's members on one corruption -> probabilities
+  (members x 5 x N x C, float32).
+- `shift_summary_to_file`: per (corruption, severity) accuracy, NLL, Brier and ECE of every
+  single model and the chosen ensemble, before and after the validation-fitted temperature;
+  corruption error against the baseline experiment; the ensemble's gain per severity with a
+  paired bootstrap interval -> shift.json.
+- `diversity_to_file`: disagreement and KL between members, oracle accuracy and the NLL gain
+  of averaging, on test and per severity -> diversity.json.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import diversity, splits
+from ..atomic import save_npy, save_npz
+from ..corruptions import SEVERITIES, corrupt_all
+from ..device import resolve_device
+from ..ensemble import hard_vote
+from ..errors import UserError
+from ..formats import (
+    Calibration,
+    CorruptionErrors,
+    DamagedFile,
+    DiversityStats,
+    DiversitySummary,
+    EnsembleSummary,
+    Scores,
+    SetScores,
+    SeverityGain,
+    ShiftSummary,
+)
+from ..inference import predict_logits, softmax_np
+from ..metrics import bootstrap_indices
+from ..shift_metrics import corruption_error, mean_defined, paired_gain, relative_corruption_error, scored
+from ..spec import EnsembleSpec, PredictSpec, ShiftSetSpec
+from .ensemble import load_members
+from .predict import PREDICT_PRECISION, load_model
+
+CIFAR10C_IMAGES = 10_000  # per severity in CIFAR-10-C: the CIFAR-10 test set, in its order
+
+
+@dataclass(frozen=True)
+class BaselineFiles:
+    """What the corruption error of an experiment reads of `shift.baseline`."""
+
+    name: str
+    summary: str  # its ensemble.json
+    test: list[str]  # its probs_test.npy per seed
+    shift: dict[str, str]  # {corruption: its shift probabilities}
+
+
+# ------------------------------------------------------------------ the sets
+def _subset(labels: np.ndarray, images: int | None, seed: int) -> np.ndarray:
+    """Positions in the test split of the images every set uses: all, or a stratified subset."""
+    if images is None:
+        return np.arange(len(labels))
+    if not 0 < images <= len(labels):
+        raise UserError(f"shift.images: {images} must be between 1 and the {len(labels)} test images")
+    return splits.stratified_take(labels, images, np.random.default_rng([seed, 3]))
+
+
+def _cifar10c_array(source: str, md5: str | None, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """<name>.npy and labels.npy of a local CIFAR-10-C: from its folder, or read from inside the
+    tar archive (MD5 checked, nothing extracted, arrays without pickles)."""
+    from torchvision.datasets.utils import check_integrity
+
+    path = Path(source)
+
+    def load(fileobj, what):
+        try:
+            return np.load(fileobj, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise UserError(f"shift.source: {what}: not a plain .npy array ({err})") from None
+
+    if path.is_dir():
+        found = [p for p in (path / f"{name}.npy", path / "CIFAR-10-C" / f"{name}.npy") if p.is_file()]
+        if not found:
+            raise UserError(
+                f"shift.source: {path}: no {name}.npy (CIFAR-10-C names its corruptions' files so)"
+            )
+        return load(found[0], found[0]), load(found[0].parent / "labels.npy", found[0].parent / "labels.npy")
+    if not path.is_file():
+        raise UserError(f"shift.source: {source}: no such file or folder")
+    if md5 is None:
+        raise UserError("shift.md5: required with an archive in shift.source (the MD5 its publisher lists)")
+    if not check_integrity(str(path), md5):
+        raise UserError(f"shift.source: {path}: checksum mismatch (expected MD5 {md5})")
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            arrays = []
+            for file in (f"{name}.npy", "labels.npy"):
+                if file not in members:
+                    raise UserError(f"shift.source: {path}: no {file} in the archive")
+                arrays.append(load(tar.extractfile(members[file]), f"{path}:{members[file].name}"))
+    except (tarfile.TarError, OSError) as err:
+        raise UserError(f"shift.source: {path}: cannot read: {err}") from None
+    return arrays[0], arrays[1]
+
+
+def _from_cifar10c(dataset: str, spec: ShiftSetSpec, name: str, data: dict, index: np.ndarray) -> np.ndarray:
+    if dataset != "cifar10":
+        raise UserError(f"shift.source: CIFAR-10-C stands in for cifar10 only, not {dataset}")
+    x, labels = _cifar10c_array(spec.source, spec.md5, name)
+    if (
+        x.dtype != np.uint8
+        or x.shape != (5 * CIFAR10C_IMAGES, 32, 32, 3)
+        or labels.shape != (5 * CIFAR10C_IMAGES,)
+    ):
+        raise UserError(
+            f"shift.source: {name}.npy must be 50000 x 32 x 32 x 3 uint8 with 50000 labels, "
+            f"got {x.dtype} {x.shape}"
+        )
+    original = data["test_index"][index]  # positions in the original CIFAR-10 test set
+    rows = np.array([(s - 1) * CIFAR10C_IMAGES + original for s in SEVERITIES])
+    if not np.array_equal(labels[rows], np.broadcast_to(data["y_test"][index], rows.shape)):
+        raise UserError(f"shift.source: {name}.npy: its labels do not match the CIFAR-10 test split")
+    return x[rows]
+
+
+def make_shift_set(dataset: str, name: str, spec: ShiftSetSpec, data_path, out) -> np.ndarray:
+    data = splits.load(data_path, ("x_test", "y_test", "test_index", "classes"))
+    index = _subset(data["y_test"], spec.images, spec.seed)
+    if spec.source is not None:
+        x = _from_cifar10c(dataset, spec, name, data, index)
+    else:
+        c = spec.corruption
+        x = corrupt_all(
+            data["x_test"][index], c.transform, c.severities, spec.seed, name, f"shift.corruptions.{name}"
+        )
+    save_npz(out, x=x, y=data["y_test"][index], index=index)
+    return x
+
+
+def load_shift_set(path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in ("x", "y", "index")}
+    except FileNotFoundError:
+        raise DamagedFile(path, "missing") from None
+    except (OSError, ValueError, KeyError, EOFError) as err:
+        raise DamagedFile(path, f"not a corrupted test set ({err.__class__.__name__}: {err})") from None
+    x, y, index = data["x"], data["y"], data["index"]
+    if not (
+        x.dtype == np.uint8
+        and x.ndim == 5
+        and x.shape[0] == len(SEVERITIES)
+        and x.shape[1] == len(y) == len(index)
+        and y.dtype.kind in "iu"
+        and index.dtype.kind in "iu"
+    ):
+        raise DamagedFile(
+            path, f"damaged corrupted test set (x {x.dtype} {x.shape}, y {y.shape}, index {index.shape})"
+        )
+    return data
+
+
+# ------------------------------------------------------------------ predictions
+def predict_shift(model_paths, set_path, out, spec: PredictSpec, threads: int) -> np.ndarray:
+    """Probabilities of every member on every severity: members x 5 x N x C, float32."""
+    torch.set_num_threads(max(int(threads), 1))
+    device = resolve_device(spec.device)
+    shift = load_shift_set(set_path)
+    x = shift["x"]
+    members = []
+    for path in model_paths:
+        model, record = load_model(path)
+        if x.shape[-1] != record.in_channels:
+            raise UserError(
+                f"{path}: the model takes {record.in_channels} channels, {set_path} has {x.shape[-1]}"
+            )
+        model = model.to(device)
+        logits = predict_logits(
+            model,
+            x.reshape(-1, *x.shape[2:]),
+            np.asarray(record.mean, np.float32),
+            np.asarray(record.std, np.float32),
+            device,
+            spec.batch_size,
+            PREDICT_PRECISION,
+        )
+        probs = softmax_np(logits).reshape(x.shape[0], x.shape[1], -1)
+        if not np.all(np.isfinite(probs)):
+            raise UserError(f"{path}: the model predicts non-finite probabilities; retrain it")
+        members.append(probs)
+    probs = np.stack(members).astype(np.float32)
+    save_npy(out, probs)
+    return probs
+
+
+def load_shift_probs(path, members: int, images: int) -> np.ndarray:
+    try:
+        probs = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DamagedFile(path, "missing") from None
+    except (OSError, ValueError, EOFError) as err:
+        raise DamagedFile(path, f"not a probability array ({err.__class__.__name__}: {err})") from None
+    if not (
+        isinstance(probs, np.ndarray)
+        and probs.dtype.kind == "f"
+        and probs.ndim == 4
+        and probs.shape[:3] == (members, len(SEVERITIES), images)
+    ):
+        raise DamagedFile(
+            path,
+            f"damaged shift probabilities (shape {getattr(probs, 'shape', '?')}, "
+            f"expected {members} x {len(SEVERITIES)} x {images} x classes)",
+        )
+    if not np.all(np.isfinite(probs)) or not np.allclose(probs.sum(-1, dtype=np.float64), 1.0, atol=1e-3):
+        raise DamagedFile(path, "damaged shift probabilities (not finite rows that sum to 1)")
+    return probs
+
+
+# ------------------------------------------------------------------ shift.json
+def _scores(d: dict) -> Scores:
+    return Scores(
+        accuracy=d["accuracy"],
+        nll=d["nll"],
+        brier=d["brier"],
+        ece=d["ece"],
+        scaled=Calibration(**d["scaled"]),
+    )
+
+
+def _mean_scores(scores: list[Scores]) -> Scores:
+    def mean(get):
+        return float(np.mean([get(s) for s in scores]))
+
+    fields = ("accuracy", "nll", "brier", "ece")
+    return Scores(
+        **{f: mean(lambda s, f=f: getattr(s, f)) for f in fields},
+        scaled=Calibration(**{f: mean(lambda s, f=f: getattr(s.scaled, f)) for f in fields}),
+    )
+
+
+def set_scores(
+    corruption: str,
+    severity: int,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    summary: EnsembleSummary,
+    n_bins: int,
+) -> SetScores:
+    """Every single model and the chosen ensemble on one set (probs: members x N x C)."""
+    singles = [
+        _scores(scored(p, labels, s.calibration.temperature, n_bins)) for p, s in zip(probs, summary.singles)
+    ]
+    k = summary.chosen_k
+    votes = hard_vote(probs[:k]) if summary.method == "hard" else None
+    ensemble = _scores(scored(probs[:k].mean(0), labels, summary.calibration.temperature, n_bins, votes))
+    return SetScores(
+        corruption=corruption,
+        severity=severity,
+        singles=singles,
+        single_mean=_mean_scores(singles),
+        ensemble=ensemble,
+    )
+
+
+def _correct(
+    probs: np.ndarray, labels: np.ndarray, summary: EnsembleSummary
+) -> tuple[np.ndarray, np.ndarray]:
+    """(members x N, N) 0/1: each single model right, the chosen ensemble right."""
+    k = summary.chosen_k
+    vote = hard_vote(probs[:k]) if summary.method == "hard" else probs[:k].mean(0).argmax(-1)
+    return probs.argmax(-1) == labels, vote == labels
+
+
+def _errors(sets: list[SetScores], corruptions: list[str], which: str) -> dict[str, np.ndarray]:
+    return {
+        c: np.array([1.0 - getattr(x, which).accuracy for x in sets if x.corruption == c])
+        for c in corruptions
+    }
+
+
+def _corruption_errors(
+    own: list[SetScores],
+    clean: SetScores,
+    base: list[SetScores],
+    base_clean: SetScores,
+    corruptions: list[str],
+    baseline: str,
+) -> CorruptionErrors:
+    base_err = _errors(base, corruptions, "single_mean")
+    base_clean_err = 1.0 - base_clean.single_mean.accuracy
+    out = {}
+    for which in ("single_mean", "ensemble"):
+        err, clean_err = _errors(own, corruptions, which), 1.0 - getattr(clean, which).accuracy
+        out[which] = (
+            {c: corruption_error(err[c], base_err[c]) for c in corruptions},
+            {
+                c: relative_corruption_error(err[c], clean_err, base_err[c], base_clean_err)
+                for c in corruptions
+            },
+        )
+    return CorruptionErrors(
+        baseline=baseline,
+        single=out["single_mean"][0],
+        ensemble=out["ensemble"][0],
+        mce_single=mean_defined(out["single_mean"][0].values()),
+        mce_ensemble=mean_defined(out["ensemble"][0].values()),
+        relative_mce_single=mean_defined(out["single_mean"][1].values()),
+        relative_mce_ensemble=mean_defined(out["ensemble"][1].values()),
+    )
+
+
+def _all_sets(
+    summary: EnsembleSummary,
+    shift_probs: dict[str, np.ndarray],
+    labels: np.ndarray,
+    clean_probs: np.ndarray,
+    n_bins: int,
+) -> tuple[SetScores, list[SetScores]]:
+    clean = set_scores("none", 0, clean_probs, labels, summary, n_bins)
+    sets = [
+        set_scores(c, s, probs[:, i], labels, summary, n_bins)
+        for c, probs in shift_probs.items()
+        for i, s in enumerate(SEVERITIES)
+    ]
+    return clean, sets
+
+
+def _read_side(summary_path, test_paths, shift_paths: dict, set_labels, index, y_test):
+    """One experiment's ensemble summary, clean test probs on the sets' images, and shift probs."""
+    summary = EnsembleSummary.load(summary_path)
+    test = load_members(test_paths, len(y_test), "the test split")[:, index]
+    shift = {c: load_shift_probs(p, len(test_paths), len(set_labels)) for c, p in shift_paths.items()}
+    return summary, test, shift
+
+
+def shift_summary_to_file(
+    experiment: str,
+    summary_path,
+    test_paths,
+    shift_paths: dict,
+    set_paths: dict,
+    data_path,
+    spec: EnsembleSpec,
+    baseline: BaselineFiles | None,
+    out_json,
+) -> ShiftSummary:
+    """shift.json of one experiment; `shift_paths`, `set_paths`: {corruption: file}."""
+    corruptions = list(shift_paths)
+    sets_data = {c: load_shift_set(set_paths[c]) for c in corruptions}
+    first = sets_data[corruptions[0]]
+    labels, index = first["y"], first["index"]
+    if any(not np.array_equal(d["index"], index) for d in sets_data.values()):
+        raise UserError(
+            "shift: the corrupted sets hold different images; rebuild them (snakemake --forcerun shift_set)"
+        )
+    y_test = splits.load(data_path, ("y_test", "classes"))["y_test"]
+    summary, clean_probs, shift = _read_side(summary_path, test_paths, shift_paths, labels, index, y_test)
+    clean, sets = _all_sets(summary, shift, labels, clean_probs, spec.ece_bins)
+    boot = bootstrap_indices(len(labels), spec.bootstrap, spec.bootstrap_seed)
+    by_severity = []
+    for i, s in enumerate(SEVERITIES):
+        singles, ensemble = zip(*(_correct(shift[c][:, i], labels, summary) for c in corruptions))
+        gain = paired_gain(np.stack(ensemble), np.stack(singles, axis=1), boot)
+        by_severity.append(
+            SeverityGain(
+                severity=s,
+                single_accuracy=float(np.mean(singles)),
+                ensemble_accuracy=float(np.mean(ensemble)),
+                gain=gain["gain"],
+                ci=tuple(gain["ci"]),
+            )
+        )
+    errors = None
+    if baseline is not None:
+        base_summary, base_clean_probs, base_shift = _read_side(
+            baseline.summary,
+            baseline.test,
+            {c: baseline.shift[c] for c in corruptions},
+            labels,
+            index,
+            y_test,
+        )
+        base_clean, base_sets = _all_sets(base_summary, base_shift, labels, base_clean_probs, spec.ece_bins)
+        errors = _corruption_errors(sets, clean, base_sets, base_clean, corruptions, baseline.name)
+    result = ShiftSummary(
+        experiment=experiment,
+        seeds=summary.seeds,
+        members=summary.members,
+        method=summary.method,
+        images=len(labels),
+        corruptions=corruptions,
+        clean=clean,
+        sets=sets,
+        by_severity=by_severity,
+        corruption_error=errors,
+    )
+    result.save(out_json)
+    return result
+
+
+# ------------------------------------------------------------------ diversity.json
+def _stats(probs: np.ndarray, labels: np.ndarray) -> DiversityStats:
+    return DiversityStats(**diversity.summary(probs, labels))
+
+
+def diversity_to_file(
+    seeds, test_paths, data_path, shift_paths: dict, set_paths: dict, out_json
+) -> DiversitySummary:
+    y_test = splits.load(data_path, ("y_test", "classes"))["y_test"]
+    test = load_members(test_paths, len(y_test), "the test split")
+    by_severity = {}
+    if shift_paths:
+        sets = {c: load_shift_set(set_paths[c]) for c in shift_paths}
+        shift = {c: load_shift_probs(p, len(test_paths), len(sets[c]["y"])) for c, p in shift_paths.items()}
+        for i, s in enumerate(SEVERITIES):
+            probs = np.concatenate([shift[c][:, i] for c in shift], axis=1)  # pooled over corruptions
+            labels = np.concatenate([sets[c]["y"] for c in shift])
+            by_severity[str(s)] = _stats(probs, labels)
+    result = DiversitySummary(
+        seeds=[int(s) for s in seeds],
+        disagreement=diversity.disagreement_matrix(test).tolist(),
+        kl=diversity.kl_matrix(test).tolist(),
+        test=_stats(test, y_test),
+        by_severity=by_severity,
+    )
+    result.save(out_json)
+    return result
