@@ -90,7 +90,7 @@ class Budget:
 def sizes(smoke: bool) -> dict:
     if smoke:
         return dict(device="cpu", image=16, width=4, big_batch=32, big_steps=3, pool_images=256,
-                    concurrent=(1, 2), seconds=1.0, warmup=1, compile_warmup=3, threads=2)
+                    concurrent=(1, 2), seconds=1.0, warmup=1, compile_warmup=3, threads=1)
     return dict(device="cuda", image=32, width=None, big_batch=512, big_steps=150, pool_images=4096,
                 concurrent=(1, 2, 4, 8), seconds=3.0, warmup=10, compile_warmup=5, threads=4)
 
@@ -340,7 +340,8 @@ def report(r: dict) -> str:
                      else "CUDA graphs, 1 process"))
     mps = r.get("mps") or {}
     for key, label in (("b16_concurrent_images_per_second", "no MPS"),
-                       ("b16_concurrent_mps_images_per_second", "MPS")):
+                       ("b16_concurrent_mps_images_per_second",
+                        "MPS" if mps.get("used") else "MPS phase without a daemon")):
         for name, levels in (r.get(key) or {}).items():
             for n, ips in levels.items():
                 rows.append((f"{name} x{n} processes images/s", ips, f"aggregate, eager, {label}"))

@@ -20,10 +20,12 @@ case of each kind; the parametrized matrices run the same `cli.main` in this pro
 from __future__ import annotations
 
 import builtins
+import codecs
 import contextlib
 import dataclasses
 import errno
 import hashlib
+import io
 import os
 import pickle
 import resource
@@ -56,8 +58,9 @@ CIFAR = {  # dataset -> archive name, folder inside it
 }
 F10 = CIFAR["cifar10"][1]
 ROUTES = ("os.system", "builtins.open", "subprocess", "eval")
-# The name each route's function has in a pickle, whatever the protocol's import fixes.
-ROUTE_NAMES = {"os.system": ".system", "builtins.open": ".open", "subprocess": ".call", "eval": ".eval"}
+# How a refusal names each route's function (posix.system, io.open, subprocess.call or, with
+# protocol 2's import fixes, commands.call, builtins.eval or __builtin__.eval or bare eval).
+ROUTE_NAMES = {"os.system": "system", "builtins.open": "open", "subprocess": "call", "eval": "eval"}
 PROGRESS = "[untrusted] "  # training's progress lines (train --name untrusted)
 
 
@@ -99,15 +102,11 @@ class Encoded:
         self.codec = codec
 
     def __reduce__(self):
-        import codecs
-
         return codecs.encode, ("abc", self.codec)
 
 
 def persistent_pickle(obj) -> bytes:
     """`obj` pickled with a persistent id in it (a reference to something outside the pickle)."""
-    import io
-
     class Pickler(pickle.Pickler):
         def persistent_id(self, o):
             return "outside" if isinstance(o, str) and o == "ref" else None
@@ -141,7 +140,7 @@ def succeeded(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, (result.returncode, result.stderr)
 
 
-def tree(root: Path) -> dict[str, bytes | str]:
+def tree(root: Path) -> dict[str, str]:
     """Every path under `root`: a file's MD5, a link's target, or 'dir' (to compare before/after)."""
     found = {}
     for path in sorted(root.rglob("*")):
@@ -151,7 +150,7 @@ def tree(root: Path) -> dict[str, bytes | str]:
         elif path.is_dir():
             found[key] = "dir"
         elif path.is_file():
-            found[key] = hashlib.md5(path.read_bytes()).hexdigest()
+            found[key] = md5(path)
         else:
             found[key] = "special"
     return found
@@ -187,7 +186,8 @@ def predict_args(model: Path, data: Path, out: Path) -> list:
 
 def ensemble_args(data: Path, val: Path, test: Path, out: Path) -> list:
     return ["ensemble", "--data", data, "--seeds", 0, "--val", val, "--test", test,
-            "--spec", to_json(ensemble_spec()), "--csv", out / "ensemble.csv", "--json", out / "ensemble.json"]
+            "--spec", to_json(ensemble_spec()), "--csv", out / "ensemble.csv",
+            "--json", out / "ensemble.json"]
 
 
 def train_spec(**overrides):
@@ -288,10 +288,9 @@ BATCH_KINDS = {  # file kind -> dataset, member, the key that holds the poison
 }
 
 
-def poisoned_raw(tmp_path: Path, contents: dict, kind: str, content) -> tuple[Path, Path]:
-    """A raw folder fetched (checksum and members pass) from an archive whose `kind` member is
+def poisoned_raw(tmp_path: Path, contents: dict, dataset: str, member: str, content) -> tuple[Path, Path]:
+    """A raw folder fetched (checksum and members pass) from an archive whose `member` is
     `content` (an object, or bytes taken as the pickle); returns (raw folder, the member's path)."""
-    dataset, member, _ = BATCH_KINDS.get(kind, ("cifar10", kind, None))
     archive, md5_hex = write_cifar(tmp_path / "archive", dataset, contents, {member: content})
     raw = fetch(dataset, tmp_path / "raw", source=str(archive), md5=md5_hex)
     return raw, raw / CIFAR[dataset][1] / member
@@ -303,7 +302,7 @@ def poisoned_raw(tmp_path: Path, contents: dict, kind: str, content) -> tuple[Pa
 def test_poisoned_batch_runs_no_code(tmp_path, capsys, contents, marker, out, kind, route, protocol):
     dataset, member, key = BATCH_KINDS[kind]
     poisoned = {**contents[dataset][member], key: Poison(marker, route)}
-    raw, path = poisoned_raw(tmp_path, contents, kind, pickle.dumps(poisoned, protocol=protocol))
+    raw, path = poisoned_raw(tmp_path, contents, dataset, member, pickle.dumps(poisoned, protocol=protocol))
     one_line(here(capsys, *prepare_args(dataset, raw, out / "data.npz")), "prepare",
              f"{path}: not a plain-data CIFAR batch", f"{ROUTE_NAMES[route]}, which is refused")
     assert tree(out) == {}
@@ -345,7 +344,8 @@ NOT_PLAIN_DATA = {
                     "asks for _codecs.encode with 'rot_13'"),
     "persistent_id": ("batches.meta", lambda c, m: persistent_pickle({"label_names": ["ref"]}),
                       "asks for a persistent id"),
-    "huge_array": ("data_batch_1", lambda c, m: _batch(c, data=HugeArray()), "not a CIFAR batch: MemoryError"),
+    "huge_array": ("data_batch_1", lambda c, m: _batch(c, data=HugeArray()),
+                   "not a CIFAR batch: MemoryError"),
     "data_list": ("data_batch_1", lambda c, m: _batch(c, data=c["cifar10"]["data_batch_1"]["data"].tolist()),
                   "'data' must be a uint8 N x 3072 array, got list"),
     "data_float": ("data_batch_3", lambda c, m: _batch(c, data=np.zeros((8, 3072), np.float32)),
@@ -382,15 +382,16 @@ NOT_PLAIN_DATA = {
 
 
 @pytest.mark.parametrize("member, content, expected", list(NOT_PLAIN_DATA.values()), ids=list(NOT_PLAIN_DATA))
-def test_batch_that_is_not_plain_cifar_data(tmp_path, capsys, contents, marker, out, member, content, expected):
-    raw, path = poisoned_raw(tmp_path, contents, member, content(contents, marker))
+def test_batch_that_is_not_plain_cifar_data(tmp_path, capsys, contents, marker, out, member, content,
+                                            expected):
+    raw, path = poisoned_raw(tmp_path, contents, "cifar10", member, content(contents, marker))
     one_line(here(capsys, *prepare_args("cifar10", raw, out / "data.npz")), "prepare", f"{path}: ", expected)
     assert tree(out) == {}
     assert not marker.exists()
 
 
 def test_batch_that_is_a_list_through_the_command(tmp_path, contents, out):
-    raw, path = poisoned_raw(tmp_path, contents, "test_batch", [1, 2, 3])
+    raw, path = poisoned_raw(tmp_path, contents, "cifar10", "test_batch", [1, 2, 3])
     one_line(cli(*prepare_args("cifar10", raw, out / "data.npz"), cwd=tmp_path), "prepare",
              f"{path}: not a CIFAR batch: a list, not a dict")
     assert tree(out) == {}
@@ -410,46 +411,49 @@ def test_plain_batches_of_every_protocol_are_read(tmp_path, contents, dataset, p
 
 
 # ================================================================= 2. archive traversal
+def planted(name: str) -> Member:
+    return Member(name, b"pwned")
+
+
+def symlink(name: str, target: str) -> Member:
+    return Member(name, kind="symlink", target=target)
+
+
+def hardlink(name: str, target: str) -> Member:
+    return Member(name, kind="hardlink", target=target)
+
+
 def escapes(tmp_path: Path) -> dict[str, tuple[list[Member], str, str]]:
     """Archive entries that would write outside the staging folder that `download --out
     tmp_path/work/raw` extracts into (tmp_path/work/.raw.XXXX/), or would make devices: each
     with the member its refusal names and the problem it states. Their targets are
     tmp_path/work/escaped, tmp_path/escaped, /tmp/<tmp_path's name>-escaped and the sentinel
     file tmp_path/work/sentinel (which a hard link would let the next member overwrite)."""
-    work, link, chain = tmp_path / "work", f"{F10}/out", f"{F10}/a"
+    work, out, a, b, h = tmp_path / "work", f"{F10}/out", f"{F10}/a", f"{F10}/b", f"{F10}/h"
+    outside = f"/tmp/{tmp_path.name}-escaped"
     return {
-        "dotdot": ([Member(f"{F10}/../../escaped", b"pwned")], f"{F10}/../../escaped", "has a '..' component"),
-        "dotdot_at_top": ([Member("../escaped", b"pwned")], "../escaped", "has a '..' component"),
-        "absolute": ([Member(str(tmp_path / "escaped"), b"pwned")], str(tmp_path / "escaped"),
-                     "has an absolute path"),
-        "absolute_tmp": ([Member(f"/tmp/{tmp_path.name}-escaped", b"pwned")], f"/tmp/{tmp_path.name}-escaped",
-                         "has an absolute path"),
-        "symlink_relative": ([Member(link, kind="symlink", target="../.."), Member(f"{link}/escaped", b"pwned")],
-                             link, "is a symbolic link to '../..', outside the folder"),
-        "symlink_absolute": ([Member(link, kind="symlink", target=str(work)), Member(f"{link}/escaped", b"pwned")],
-                             link, f"is a symbolic link to '{work}', outside the folder"),
-        "symlink_chain": ([Member(chain, kind="symlink", target="."),
-                           Member(f"{F10}/b", kind="symlink", target="a/../.."),
-                           Member(f"{F10}/b/escaped", b"pwned")],
-                          f"{F10}/b", f"is a link to 'a/../..', through the symbolic link '{chain}'"),
-        "symlink_chain_reversed": ([Member(f"{F10}/b", kind="symlink", target="a/../.."),
-                                    Member(chain, kind="symlink", target="."),
-                                    Member(f"{F10}/b/escaped", b"pwned")],
-                                   f"{F10}/b", f"is a link to 'a/../..', through the symbolic link '{chain}'"),
-        "hardlink_relative": ([Member(f"{F10}/h", kind="hardlink", target="../sentinel"),
-                               Member(f"{F10}/h", b"pwned")],
-                              f"{F10}/h", "is a hard link to '../sentinel', outside the folder"),
-        "hardlink_absolute": ([Member(f"{F10}/h", kind="hardlink", target=str(work / "sentinel")),
-                               Member(f"{F10}/h", b"pwned")],
-                              f"{F10}/h", f"is a hard link to '{work / 'sentinel'}', outside the folder"),
-        "hardlink_through_symlink": ([Member(chain, kind="symlink", target="."),
-                                      Member(f"{F10}/h", kind="hardlink", target=f"{chain}/../../sentinel"),
-                                      Member(f"{F10}/h", b"pwned")],
-                                     f"{F10}/h", f"is a link to '{chain}/../../sentinel', through the "
-                                                 f"symbolic link '{chain}'"),
-        "file_written_through_a_link": ([Member(f"{F10}/alias", kind="symlink", target="data_batch_1"),
-                                         Member(f"{F10}/alias", b"pwned")],
-                                        f"{F10}/alias", f"is written through the symbolic link '{F10}/alias'"),
+        "dotdot": ([planted(f"{F10}/../../escaped")], f"{F10}/../../escaped", "has a '..' component"),
+        "dotdot_at_top": ([planted("../escaped")], "../escaped", "has a '..' component"),
+        "absolute": ([planted(str(tmp_path / "escaped"))], str(tmp_path / "escaped"), "has an absolute path"),
+        "absolute_tmp": ([planted(outside)], outside, "has an absolute path"),
+        "symlink_relative": ([symlink(out, "../.."), planted(f"{out}/escaped")],
+                             out, "is a symbolic link to '../..', outside the folder"),
+        "symlink_absolute": ([symlink(out, str(work)), planted(f"{out}/escaped")],
+                             out, f"is a symbolic link to '{work}', outside the folder"),
+        # a -> . is inside, and b -> a/../.. reads as inside, but once a exists b leads to work/
+        "symlink_chain": ([symlink(a, "."), symlink(b, "a/../.."), planted(f"{b}/escaped")],
+                          b, f"is a link to 'a/../..', through the symbolic link '{a}'"),
+        "symlink_chain_reversed": ([symlink(b, "a/../.."), symlink(a, "."), planted(f"{b}/escaped")],
+                                   b, f"is a link to 'a/../..', through the symbolic link '{a}'"),
+        "hardlink_relative": ([hardlink(h, "../sentinel"), planted(h)],
+                              h, "is a hard link to '../sentinel', outside the folder"),
+        "hardlink_absolute": ([hardlink(h, str(work / "sentinel")), planted(h)],
+                              h, f"is a hard link to '{work / 'sentinel'}', outside the folder"),
+        "hardlink_through_symlink": ([symlink(a, "."), hardlink(h, f"{a}/../../sentinel"), planted(h)], h,
+                                     f"is a link to '{a}/../../sentinel', through the symbolic link '{a}'"),
+        "file_written_through_a_link": ([symlink(f"{F10}/alias", "data_batch_1"), planted(f"{F10}/alias")],
+                                        f"{F10}/alias",
+                                        f"is written through the symbolic link '{F10}/alias'"),
         "char_device": ([Member(f"{F10}/null", kind="chr")], f"{F10}/null", "is a device file or FIFO"),
         "block_device": ([Member(f"{F10}/disk", kind="blk")], f"{F10}/disk", "is a device file or FIFO"),
         "fifo": ([Member(f"{F10}/pipe", kind="fifo")], f"{F10}/pipe", "is a device file or FIFO"),
@@ -575,11 +579,14 @@ REFUSED_TORCH = "its pickle asks for"
 
 
 def torch_refusal(route: str, how: str) -> tuple[str, ...]:
-    """What the one line says of a poisoned torch file: the global its pickle asks for, or (for
-    pickle protocol 4, whose framing torch's weights-only reader does not read) that reader's refusal."""
+    """What the one line says of a poisoned torch file: the global its pickle asks for (in a
+    bare pickle, tensors come first and ask for torch.storage._load_from_bytes), or, for pickle
+    protocol 4, whose framing torch's weights-only reader does not read, that reader's refusal."""
     if how == "zip_protocol_4":
         return ("the weights-only reader refuses it",)
-    return (f"its pickle asks for", f"{ROUTE_NAMES[route]}, which is refused")
+    if how == "plain_pickle":
+        return ("its pickle asks for", "which is refused")
+    return ("its pickle asks for", f"{ROUTE_NAMES[route]}, which is refused")
 
 
 @pytest.mark.parametrize("how", TORCH_WRITERS)
@@ -663,6 +670,11 @@ def poisoned_npy(path: Path, marker: Path, how: str) -> Path:
 
 
 NPY_POISONS = ("object_array", "object_field", "plain_pickle")
+NPY_REFUSALS = {  # how -> what the one line says (never numpy's advice to load the file unsafely)
+    "object_array": "Object arrays cannot be loaded when allow_pickle=False",
+    "object_field": "Object arrays cannot be loaded when allow_pickle=False",
+    "plain_pickle": "a pickle, not an array; refused (allow_pickle=False)",
+}
 
 
 @pytest.mark.parametrize("how", NPY_POISONS)
@@ -671,7 +683,7 @@ def test_poisoned_probabilities_run_no_code(tmp_path, capsys, data_npz, marker, 
     val, test = probabilities(tmp_path / "probs_val.npy", 16), probabilities(tmp_path / "probs_test.npy", 16)
     poisoned = poisoned_npy(val if which == "val" else test, marker, how)
     one_line(here(capsys, *ensemble_args(data_npz, val, test, out)), "ensemble",
-             f"{poisoned}: not a probability array", "pickled Python objects, refused (allow_pickle=False)",
+             f"{poisoned}: not a probability array", NPY_REFUSALS[how],
              f"rebuild it with: snakemake --forcerun {poisoned}")
     assert tree(out) == {}
     assert not marker.exists()
@@ -696,23 +708,36 @@ def poisoned_npz(path: Path, marker: Path, key: str, how: str) -> Path:
 NPZ_READERS = {"train": "x_train", "predict": "x_test", "ensemble": "y_val"}  # command -> a key it reads
 
 
+def reading(command: str, data: Path, model: Path, inputs: Path, out: Path) -> list:
+    """`command`'s arguments with `data` as its data.npz (other inputs sound) and outputs in `out`."""
+    if command == "train":
+        return train_args(data, out / "seed0")
+    if command == "predict":
+        return predict_args(model, data, out)
+    val, test = probabilities(inputs / "v.npy", 16), probabilities(inputs / "t.npy", 16)
+    return ensemble_args(data, val, test, out)
+
+
 @pytest.mark.parametrize("how", ["object_array", "pickle_member", "plain_pickle"])
 @pytest.mark.parametrize("command", list(NPZ_READERS))
 def test_poisoned_data_npz_runs_no_code(tmp_path, capsys, model_pt, marker, out, command, how):
     data = poisoned_npz(tmp_path / "data.npz", marker, NPZ_READERS[command], how)
-    if command == "train":
-        args = train_args(data, out / "seed0")
-    elif command == "predict":
-        args = predict_args(model_pt, data, out)
-    else:
-        val, test = probabilities(tmp_path / "v.npy", 16), probabilities(tmp_path / "t.npy", 16)
-        args = ensemble_args(data, val, test, out)
-    expected = (f"{NPZ_READERS[command]!r} is not a .npy array" if how == "pickle_member"
-                else "pickled Python objects, refused (allow_pickle=False)")
-    one_line(here(capsys, *args), command, f"{data}: not a prepared dataset", expected,
+    refusal = f"{NPZ_READERS[command]!r} is not a .npy array" if how == "pickle_member" else NPY_REFUSALS[how]
+    one_line(here(capsys, *reading(command, data, model_pt, tmp_path, out)), command,
+             f"{data}: not a prepared dataset (", refusal,
              f"rebuild it with: snakemake --forcerun {data}")
     assert tree(out) == {}
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("command", list(NPZ_READERS))
+def test_data_npz_with_scalar_class_names(tmp_path, capsys, model_pt, out, command):
+    """`classes` saved as one string, not a list of names: named, not a TypeError from len()."""
+    data = tmp_path / "data.npz"
+    np.savez(data, **{**make_data(n_train=32, n_val=16, n_test=16), "classes": np.array("airplane")})
+    one_line(here(capsys, *reading(command, data, model_pt, tmp_path, out)), command,
+             f"{data}: damaged prepared dataset (classes must be a list of names")
+    assert tree(out) == {}
 
 
 def test_poisoned_arrays_through_the_commands(tmp_path, model_pt, marker, out):
@@ -814,7 +839,8 @@ def raw10(tmp_path_factory, contents) -> Path:
     return fetch("cifar10", folder / "raw", source=str(archive), md5=md5_hex)
 
 
-def stage_on(command: str, folder: Path, raw: Path, data: Path, model: Path, inputs: Path) -> tuple[list, Path]:
+def stage_on(command: str, folder: Path, raw: Path, data: Path, model: Path,
+             inputs: Path) -> tuple[list, Path]:
     """`command`'s arguments with its outputs in `folder`, and the output it writes first."""
     if command == "prepare":
         return prepare_args("cifar10", raw, folder / "data.npz"), folder / "data.npz"
@@ -857,7 +883,8 @@ def test_full_disk_through_the_command(tmp_path, disk, raw10, data_npz, model_pt
 
 
 @pytest.mark.parametrize("command, free", [("prepare", 2 * PAGE), ("train", 0)], ids=["prepare", "train"])
-def test_file_size_limit_through_the_command(tmp_path, limited_disk, raw10, data_npz, model_pt, command, free):
+def test_file_size_limit_through_the_command(tmp_path, limited_disk, raw10, data_npz, model_pt, command,
+                                             free):
     """The fallback for machines that cannot mount a tmpfs fails the same way (EFBIG)."""
     args, first = stage_on(command, limited_disk.folder, raw10, data_npz, model_pt, tmp_path)
     limited_disk.fill(free)

@@ -20,14 +20,15 @@ import pytest
 import yaml
 from conftest import ENV, ROOT, TEST_CONFIGS
 
-from cifar_ensembles.formats import EnsembleSummary, ModelRecord, read_history
+from cifar_ensembles.formats import DiversitySummary, EnsembleSummary, ModelRecord, ShiftSummary, read_history
 from cifar_ensembles.spec import load_config
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 TINY = TEST_CONFIGS / "cifar10-tiny.yaml"
 TINY_CONFIG = yaml.safe_load(TINY.read_text())
 EXPERIMENTS = {name: TINY_CONFIG["experiments"][name]["seeds"] for name in TINY_CONFIG["run_experiments"]}
-PLOTS = {"plot_training_curves", "plot_ensemble_curve", "plot_reliability", "plot_accuracy", "plot_cost"}
+PLOTS = {"plot_training_curves", "plot_ensemble_curve", "plot_reliability", "plot_accuracy", "plot_cost",
+         "plot_shift", "plot_diversity"}
 
 
 def env() -> dict:
@@ -121,8 +122,17 @@ def test_every_artifact_is_written(finished_run):
             png = workdir / f"results/report/{experiment}/{figure}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert "<svg" in (workdir / f"results/report/{experiment}/{figure}.svg").read_text()[:2000]
-    for figure in ("accuracy", "cost"):
+    for figure in ("accuracy", "cost", "shift"):
         assert (workdir / f"results/report/{figure}.png").read_bytes()[:4] == b"\x89PNG"
+    corruptions = TINY_CONFIG["shift"]["run_corruptions"]
+    for experiment, seeds in EXPERIMENTS.items():
+        shift = ShiftSummary.load(workdir / f"results/{experiment}/shift.json")
+        assert shift.corruptions == corruptions and len(shift.sets) == 5 * len(corruptions)
+        assert shift.corruption_error is not None and shift.corruption_error.baseline == "exp_adam"
+        assert DiversitySummary.load(workdir / f"results/{experiment}/diversity.json").seeds == seeds
+        assert (workdir / f"results/report/{experiment}/diversity.png").read_bytes()[:4] == b"\x89PNG"
+    for corruption in corruptions:
+        assert np.load(workdir / f"resources/cifar10/shift/{corruption}.npz")["x"].shape[:2] == (5, 60)
     comparisons = json.loads((workdir / "results/comparisons.json").read_text())
     assert [(c["a"], c["b"]) for c in comparisons["pairs"]] == [tuple(EXPERIMENTS)]
     md = (workdir / "results/report/summary.md").read_text()
@@ -180,21 +190,24 @@ def test_published_number_of_one_experiment_redraws_its_curve_and_the_summary(fi
 @pytest.mark.slow
 def test_ensemble_setting_reruns_ensembles_and_report(finished_run, tmp_path):
     jobs = with_change(finished_run, tmp_path, {"ensemble": {"bootstrap": 200}})
-    assert jobs == {"ensemble": len(EXPERIMENTS), "plot_ensemble_curve": len(EXPERIMENTS),
-                    "plot_reliability": len(EXPERIMENTS), "plot_accuracy": 1, "summary": 1, "all": 1}
+    n = len(EXPERIMENTS)
+    assert jobs == {"ensemble": n, "plot_ensemble_curve": n, "plot_reliability": n, "plot_accuracy": 1,
+                    "shift_summary": n, "plot_shift": 1, "plot_diversity": n, "summary": 1, "all": 1}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("change", [{"optimizer": {"lr": 2e-3}}, {"precision": "bf16"},
-                                    {"augment": {"mode": "batched"}}, {"ema": {"enabled": True}}])
+                                    {"augment": {"mode": "per_image"}}, {"ema": {"enabled": True}}])
 def test_one_experiment_result_change_reruns_only_that_experiment(finished_run, tmp_path, change):
-    experiment = list(EXPERIMENTS)[-1]
+    experiment = "exp_sgd"  # not the shift baseline, whose models the others' corruption errors read
+    assert TINY_CONFIG["shift"]["baseline"] != experiment
     workdir, configs, _ = finished_run
     jobs = with_change(finished_run, tmp_path, {"experiments": {experiment: change}})
-    seeds = len(EXPERIMENTS[experiment])
-    assert jobs == {"train": seeds, "predict": 2 * seeds, "ensemble": 1, "compare": 1,
-                    "plot_training_curves": 1, "plot_ensemble_curve": 1, "plot_reliability": 1,
-                    "plot_accuracy": 1, "plot_cost": 1, "summary": 1, "all": 1}
+    seeds, corruptions = len(EXPERIMENTS[experiment]), len(TINY_CONFIG["shift"]["run_corruptions"])
+    assert jobs == {"train": seeds, "predict": 2 * seeds, "predict_shift": corruptions, "ensemble": 1,
+                    "compare": 1, "shift_summary": 1, "diversity": 1, "plot_training_curves": 1,
+                    "plot_ensemble_curve": 1, "plot_reliability": 1, "plot_diversity": 1, "plot_accuracy": 1,
+                    "plot_cost": 1, "plot_shift": 1, "summary": 1, "all": 1}
     out = snakemake(workdir, [*configs, tmp_path / "change.yaml"], "-n").stdout
     wildcards = re.findall(r"wildcards: (.*)", out)
     assert wildcards and all(f"experiment={experiment}" in w for w in wildcards)
@@ -208,7 +221,9 @@ def test_a_training_default_reruns_only_the_experiments_whose_result_it_decides(
     jobs = with_change(finished_run, tmp_path, {"training": {"loss": {"gamma_neg": 2.0}}})
     assert jobs["train"] == len(EXPERIMENTS["exp_adam"])
     out = snakemake(workdir, [*configs, tmp_path / "change.yaml"], "-n").stdout
-    assert "experiment=exp_sgd" not in out
+    # exp_sgd's corruption error reads the baseline exp_adam's predictions: only that reruns for it
+    reruns = re.findall(r"rule (\w+):\n(?:\s+\w+:.*\n)*?\s+wildcards: experiment=exp_sgd", out)
+    assert reruns == ["shift_summary"]
     # and a field no experiment uses (Adam's betas: exp_adam keeps them, exp_sgd has no Adam)
     betas = {"experiments": {"exp_sgd": {"optimizer": {"betas": [0.5, 0.5]}}}}
     unused = with_change(finished_run, tmp_path, betas)
@@ -220,6 +235,36 @@ def test_data_split_change_reruns_from_prepare(finished_run, tmp_path):
     jobs = with_change(finished_run, tmp_path, {"data": {"val_size": 30}})
     assert jobs["prepare"] == 1 and "download" not in jobs
     assert jobs["train"] == sum(len(s) for s in EXPERIMENTS.values())
+
+
+SHIFT_ANALYSIS = {"shift_summary": len(EXPERIMENTS), "diversity": len(EXPERIMENTS), "plot_shift": 1,
+                  "plot_diversity": len(EXPERIMENTS), "summary": 1, "all": 1}
+
+
+@pytest.mark.slow
+def test_adding_a_corruption_runs_only_its_own_jobs_and_the_analyses(finished_run, tmp_path):
+    corruptions = [*TINY_CONFIG["shift"]["run_corruptions"], "impulse_noise"]
+    jobs = with_change(finished_run, tmp_path, {"shift": {"run_corruptions": corruptions}})
+    assert jobs == {"shift_set": 1, "predict_shift": len(EXPERIMENTS), **SHIFT_ANALYSIS}
+    workdir, configs, _ = finished_run
+    out = snakemake(workdir, [*configs, tmp_path / "change.yaml"], "-n").stdout
+    assert "wildcards: dataset=cifar10, corruption=impulse_noise" in out
+    assert not re.search(r"corruption=(?!impulse_noise)", out)
+
+
+@pytest.mark.slow
+def test_removing_a_corruption_reruns_only_the_analyses(finished_run, tmp_path):
+    corruptions = TINY_CONFIG["shift"]["run_corruptions"][:-1]
+    assert with_change(finished_run, tmp_path, {"shift": {"run_corruptions": corruptions}}) == SHIFT_ANALYSIS
+
+
+@pytest.mark.slow
+def test_a_corruption_parameter_regenerates_only_its_set(finished_run, tmp_path):
+    name = TINY_CONFIG["shift"]["run_corruptions"][0]
+    severities = load_config()["shift"]["corruptions"][name]["severities"]
+    change = {"shift": {"corruptions": {name: {"severities": [*severities[:4], severities[3]]}}}}
+    assert with_change(finished_run, tmp_path, change) == {"shift_set": 1, "predict_shift": len(EXPERIMENTS),
+                                                          **SHIFT_ANALYSIS}
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ set is the same bit for bit however many others there are. Transforms that need 
 from __future__ import annotations
 
 import typing
+import warnings
 import zlib
 
 import numpy as np
@@ -36,19 +37,29 @@ def _kwargs(params: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
 
 
+def _first_lines(err, lines: int = 3) -> str:
+    text = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return "; ".join(text[:lines])[:300]
+
+
 def build_transform(transform: str, params: dict, where: str):
     """The albumentations transform `transform(**params, p=1)`; a bad name or parameter is one
-    line naming `where` (the config field)."""
+    line naming `where` (the config field). albumentations only warns about a parameter it
+    does not know (then uses its default) or corrects (a kernel too small): refused here."""
     import albumentations as A
 
     if transform not in TRANSFORMS:
         raise UserError(f"{where}.transform: {transform!r} is not one of {', '.join(TRANSFORMS)}")
     try:
-        return getattr(A, transform)(**_kwargs(params), p=1.0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            built = getattr(A, transform)(**_kwargs(params), p=1.0)
     except Exception as err:  # albumentations validates its arguments with pydantic
-        first = (str(err).strip().splitlines() or [""])
-        detail = "; ".join(line.strip() for line in first[:3])
-        raise UserError(f"{where}: {transform} does not accept {params}: {detail[:300]}") from None
+        raise UserError(f"{where}: {transform} does not accept {params}: {_first_lines(err)}") from None
+    if caught:
+        detail = _first_lines(caught[0].message, 1)
+        raise UserError(f"{where}: {transform} does not accept {params}: {detail}")
+    return built
 
 
 def corrupt(images: np.ndarray, transform: str, params: dict, seed: int, where: str) -> np.ndarray:
@@ -62,7 +73,12 @@ def corrupt(images: np.ndarray, transform: str, params: dict, seed: int, where: 
     out = np.empty_like(images)
     for i, image in enumerate(images):
         x = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if to_rgb else image
-        y = pipeline(image=x)["image"]
+        try:
+            y = pipeline(image=x)["image"]
+        except Exception as err:  # parameters albumentations accepts but cannot apply to this size
+            shape = " x ".join(map(str, image.shape))
+            raise UserError(f"{where}: {transform} with {params} fails on a {shape} image: "
+                            f"{err.__class__.__name__}: {_first_lines(err, 1)}") from None
         if to_rgb:
             y = cv2.cvtColor(y, cv2.COLOR_RGB2GRAY)
         out[i] = y.reshape(image.shape)

@@ -68,8 +68,8 @@ def error_line(err: BaseException) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if lines and lines[0].startswith("Weights only load failed"):
         return f"{err.__class__.__name__}: {_weights_only_reason(text)}"
-    if "allow_pickle" in text:
-        return f"{err.__class__.__name__}: it holds pickled Python objects, refused (allow_pickle=False)"
+    if "load it unsafely" in text:  # numpy, of a file that is a bare pickle
+        return f"{err.__class__.__name__}: a pickle, not an array; refused (allow_pickle=False)"
     return f"{err.__class__.__name__}: {(lines or [''])[0][:200]}"
 
 

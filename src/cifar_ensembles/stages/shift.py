@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +90,10 @@ def _cifar10c_array(source: str, md5: str | None, name: str) -> tuple[np.ndarray
             raise UserError(
                 f"shift.source: {path}: no {name}.npy (CIFAR-10-C names its corruptions' files so)"
             )
-        return load(found[0], found[0]), load(found[0].parent / "labels.npy", found[0].parent / "labels.npy")
+        labels = found[0].parent / "labels.npy"
+        if not labels.is_file():
+            raise UserError(f"shift.source: {found[0].parent}: no labels.npy beside {name}.npy")
+        return load(found[0], found[0]), load(labels, labels)
     if not path.is_file():
         raise UserError(f"shift.source: {source}: no such file or folder")
     if md5 is None:
@@ -118,9 +122,10 @@ def _from_cifar10c(dataset: str, spec: ShiftSetSpec, name: str, data: dict, inde
         or x.shape != (5 * CIFAR10C_IMAGES, 32, 32, 3)
         or labels.shape != (5 * CIFAR10C_IMAGES,)
     ):
+        rows = 5 * CIFAR10C_IMAGES
         raise UserError(
-            f"shift.source: {name}.npy must be 50000 x 32 x 32 x 3 uint8 with 50000 labels, "
-            f"got {x.dtype} {x.shape}"
+            f"shift.source: {name}.npy must be {rows} x 32 x 32 x 3 uint8 with {rows} labels, "
+            f"got {x.dtype} {x.shape} and {labels.shape} labels"
         )
     original = data["test_index"][index]  # positions in the original CIFAR-10 test set
     rows = np.array([(s - 1) * CIFAR10C_IMAGES + original for s in SEVERITIES])
@@ -149,7 +154,7 @@ def load_shift_set(path) -> dict[str, np.ndarray]:
             data = {k: npz[k] for k in ("x", "y", "index")}
     except FileNotFoundError:
         raise DamagedFile(path, "missing") from None
-    except (OSError, ValueError, KeyError, EOFError) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise DamagedFile(path, f"not a corrupted test set ({err.__class__.__name__}: {err})") from None
     x, y, index = data["x"], data["y"], data["index"]
     if not (
