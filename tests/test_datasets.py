@@ -281,8 +281,9 @@ def test_matching_md5_but_not_a_tar_is_rejected(tmp_path, out):
     assert_nothing_left(out)
 
 
-def test_archive_missing_a_batch_fails_at_load(tmp_path, out):
-    """A checksummed archive whose layout is wrong: fetch succeeds, load_raw names the missing file."""
+def test_archive_missing_a_batch_fails_at_fetch(tmp_path, out):
+    """A checksummed archive whose layout is wrong: fetch decodes it before it counts as fetched,
+    names the missing member inside the archive, and leaves no raw folder."""
     full = tmp_path / "full" / ARCHIVE
     make_cifar10_archive(full, per_batch=5, test_size=10)
     partial = tmp_path / "partial" / ARCHIVE
@@ -291,9 +292,9 @@ def test_archive_missing_a_batch_fails_at_load(tmp_path, out):
         for member in src.getmembers():
             if not member.name.endswith("data_batch_3"):
                 dst.addfile(member, src.extractfile(member))
-    fetch("cifar10", out, source=str(partial), md5=md5_of(partial))
     with pytest.raises(UserError, match="data_batch_3"):
-        load_raw("cifar10", out)
+        fetch("cifar10", out, source=str(partial), md5=md5_of(partial))
+    assert not out.exists()
 
 
 def test_unknown_dataset_is_rejected(tmp_path):
@@ -469,9 +470,9 @@ def test_fashion_labels_out_of_range(tmp_path):
     make_fake_fashion(src)
     write_idx_gz(src / "t10k-labels-idx1-ubyte.gz", np.full(12, 12))
     out = tmp_path / "raw" / "fashion_mnist"
-    fetch("fashion_mnist", out, source=str(src))
     with pytest.raises(UserError, match="labels outside"):
-        load_raw("fashion_mnist", out)
+        fetch("fashion_mnist", out, source=str(src))
+    assert not out.exists()
 
 
 def test_fashion_count_mismatch(tmp_path):
@@ -479,9 +480,9 @@ def test_fashion_count_mismatch(tmp_path):
     make_fake_fashion(src)
     write_idx_gz(src / "train-labels-idx1-ubyte.gz", np.arange(23) % 10)  # 24 images, 23 labels
     out = tmp_path / "raw" / "fashion_mnist"
-    fetch("fashion_mnist", out, source=str(src))
     with pytest.raises(UserError, match="train split"):
-        load_raw("fashion_mnist", out)
+        fetch("fashion_mnist", out, source=str(src))
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("case", ["labels-as-images", "short-data", "bad-magic-ndim", "int8-type", "type-10"])
@@ -502,6 +503,6 @@ def test_fashion_malformed_idx(tmp_path, case):
     elif case == "type-10":  # type code 0x0A is not defined by the IDX format
         write_idx_gz(images, expected["x_train"], magic=0x0A03)
     out = tmp_path / "raw" / "fashion_mnist"
-    fetch("fashion_mnist", out, source=str(src))
     with pytest.raises(UserError, match="not valid Fashion-MNIST"):
-        load_raw("fashion_mnist", out)
+        fetch("fashion_mnist", out, source=str(src))
+    assert not out.exists()

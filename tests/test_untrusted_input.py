@@ -49,6 +49,7 @@ from cifar_ensembles.errors import UserError
 from cifar_ensembles.formats import MODEL_FORMAT, Checkpoint, ModelRecord
 from cifar_ensembles.models import ResNet18Cifar
 from cifar_ensembles.raw_data import fetch, load_raw
+from cifar_ensembles.safe_archive import extract_tar
 from cifar_ensembles.spec import SourceSpec, SplitSpec, SubsetSpec, WeightsSpec
 from cifar_ensembles.typed import to_json
 
@@ -289,10 +290,12 @@ BATCH_KINDS = {  # file kind -> dataset, member, the key that holds the poison
 
 
 def poisoned_raw(tmp_path: Path, contents: dict, dataset: str, member: str, content) -> tuple[Path, Path]:
-    """A raw folder fetched (checksum and members pass) from an archive whose `member` is
-    `content` (an object, or bytes taken as the pickle); returns (raw folder, the member's path)."""
-    archive, md5_hex = write_cifar(tmp_path / "archive", dataset, contents, {member: content})
-    raw = fetch(dataset, tmp_path / "raw", source=str(archive), md5=md5_hex)
+    """A raw folder holding an archive whose `member` is `content` (an object, or bytes taken as
+    the pickle), as if placed in resources/ by hand (fetch itself refuses it: see below);
+    returns (raw folder, the member's path)."""
+    archive, _ = write_cifar(tmp_path / "archive", dataset, contents, {member: content})
+    raw = tmp_path / "raw"
+    extract_tar(archive, raw, "test")
     return raw, raw / CIFAR[dataset][1] / member
 
 
@@ -311,17 +314,16 @@ def test_poisoned_batch_runs_no_code(tmp_path, capsys, contents, marker, out, ki
 
 @pytest.mark.parametrize("kind, route", [("data_batch", "os.system"), ("cifar100_meta", "subprocess")])
 def test_poisoned_batch_through_the_command(tmp_path, contents, marker, out, kind, route):
-    """The whole chain as the workflow runs it: download (succeeds: the archive itself is sound),
-    then prepare refuses the batch in one line."""
+    """The whole chain as the workflow runs it: download checks the archive's checksum and
+    members, then decodes every batch before the raw folder counts as fetched; the poisoned
+    batch is refused in one line that names it inside the archive, and no raw folder is left."""
     dataset, member, key = BATCH_KINDS[kind]
     archive, md5_hex = write_cifar(tmp_path / "archive", dataset, contents,
                                    {member: {**contents[dataset][member], key: Poison(marker, route)}})
     raw = tmp_path / "raw"
-    succeeded(cli(*download_args(dataset, archive, md5_hex, raw), cwd=tmp_path))
-    assert not marker.exists()
-    one_line(cli(*prepare_args(dataset, raw, out / "data.npz"), cwd=tmp_path), "prepare",
-             f"{raw / CIFAR[dataset][1] / member}: not a plain-data CIFAR batch", "which is refused")
-    assert tree(out) == {}
+    one_line(cli(*download_args(dataset, archive, md5_hex, raw), cwd=tmp_path), "download",
+             f"{archive}: {CIFAR[dataset][1]}/{member}: not a plain-data CIFAR batch", "which is refused")
+    assert not raw.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".raw.")]
     assert not marker.exists()
 
 

@@ -87,6 +87,7 @@ def fetch(dataset: str, out_dir: str | os.PathLike, source: str | None = None,
             _fetch_cifar(CIFAR[dataset], staging, source, url, md5)
         else:
             _fetch_fashion_mnist(staging, source, url, md5)
+        _readable(dataset, staging, source or url or "the download")
         if out_dir.exists():  # replaced only once the new files are verified
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
@@ -94,6 +95,15 @@ def fetch(dataset: str, out_dir: str | os.PathLike, source: str | None = None,
         if staging.exists():
             shutil.rmtree(staging)
     return out_dir
+
+
+def _readable(dataset: str, staging: Path, origin) -> None:
+    """Decode the staged files once (safely) before they count as fetched: a malformed or
+    poisoned batch fails the download, named inside its archive, not a later job."""
+    try:
+        load_raw(dataset, staging)
+    except UserError as err:
+        raise UserError(str(err).replace(f"{staging}{os.sep}", f"{origin}: ")) from None
 
 
 def _fetch_cifar(spec: CifarSpec, staging: Path, source, url, md5) -> None:

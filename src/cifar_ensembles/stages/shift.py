@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import io
 import tarfile
 import zipfile
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from ..formats import (
     SetScores,
     SeverityGain,
     ShiftSummary,
+    error_line,
 )
 from ..inference import predict_logits, softmax_np
 from ..metrics import bootstrap_indices
@@ -80,9 +82,13 @@ def _cifar10c_array(source: str, md5: str | None, name: str) -> tuple[np.ndarray
 
     def load(fileobj, what):
         try:
-            return np.load(fileobj, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as err:
-            raise UserError(f"shift.source: {what}: not a plain .npy array ({err})") from None
+            array = np.load(fileobj, allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise UserError(f"shift.source: {what}: not a plain .npy array ({error_line(err)})") from None
+        if not isinstance(array, np.ndarray):  # an .npz archive under an .npy name
+            array.close()
+            raise UserError(f"shift.source: {what}: not a plain .npy array (an .npz archive)")
+        return array
 
     if path.is_dir():
         found = [p for p in (path / f"{name}.npy", path / "CIFAR-10-C" / f"{name}.npy") if p.is_file()]
@@ -107,9 +113,11 @@ def _cifar10c_array(source: str, md5: str | None, name: str) -> tuple[np.ndarray
             for file in (f"{name}.npy", "labels.npy"):
                 if file not in members:
                     raise UserError(f"shift.source: {path}: no {file} in the archive")
-                arrays.append(load(tar.extractfile(members[file]), f"{path}:{members[file].name}"))
-    except (tarfile.TarError, OSError) as err:
-        raise UserError(f"shift.source: {path}: cannot read: {err}") from None
+                # in memory: numpy cannot read from a tar member's file object
+                content = io.BytesIO(tar.extractfile(members[file]).read())
+                arrays.append(load(content, f"{path}:{members[file].name}"))
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise UserError(f"shift.source: {path}: cannot read: {error_line(err)}") from None
     return arrays[0], arrays[1]
 
 
@@ -155,7 +163,7 @@ def load_shift_set(path) -> dict[str, np.ndarray]:
     except FileNotFoundError:
         raise DamagedFile(path, "missing") from None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        raise DamagedFile(path, f"not a corrupted test set ({err.__class__.__name__}: {err})") from None
+        raise DamagedFile(path, f"not a corrupted test set ({error_line(err)})") from None
     x, y, index = data["x"], data["y"], data["index"]
     if not (
         x.dtype == np.uint8
@@ -210,7 +218,7 @@ def load_shift_probs(path, members: int, images: int) -> np.ndarray:
     except FileNotFoundError:
         raise DamagedFile(path, "missing") from None
     except (OSError, ValueError, EOFError) as err:
-        raise DamagedFile(path, f"not a probability array ({err.__class__.__name__}: {err})") from None
+        raise DamagedFile(path, f"not a probability array ({error_line(err)})") from None
     if not (
         isinstance(probs, np.ndarray)
         and probs.dtype.kind == "f"

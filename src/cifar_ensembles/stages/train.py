@@ -42,11 +42,13 @@ def train_to_files(spec: TrainingSpec, runtime: RuntimeSpec, data: dict, seed: i
     out_dir = Path(out_dir)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     trainer = Trainer(spec, runtime, data, seed, threads, weights_file, log)
+    if checkpoint is not None:  # first: a damaged checkpoint ends the job before anything is logged
+        trainer.try_resume(checkpoint)
     trainer.log(f"training seed {seed} on {trainer.device} ({threads} threads): "
                 f"{len(data['y_train'])} images, {trainer.steps_per_epoch} steps/epoch, "
                 f"{spec.epochs} epochs; " + ", ".join(f"{k} {v}" for k, v in trainer.effective().items()
                                                       if k != "device"))
-    history = trainer.fit(checkpoint)
+    history = trainer.fit(checkpoint, resume=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     # all three or none: a failed write (a full disk) leaves no model.pt that looks finished
     with all_or_none(out_dir / "model.pt", out_dir / "history.csv", out_dir / "run.yaml"):

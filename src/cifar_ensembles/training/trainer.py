@@ -158,9 +158,10 @@ class Trainer:
         loss = float(self.parts.loss_fn(logits, y))
         return loss, int((logits.argmax(1) == y).sum()) / len(y)
 
-    def fit(self, checkpoint: str | os.PathLike | None = None) -> list[HistoryRow]:
-        """Train to the last epoch; returns the history rows."""
-        if checkpoint is not None:
+    def fit(self, checkpoint: str | os.PathLike | None = None, resume: bool = True) -> list[HistoryRow]:
+        """Train to the last epoch, saving to `checkpoint` (first resuming from it, unless the
+        caller did already: `resume=False`); returns the history rows."""
+        if checkpoint is not None and resume:
             self.try_resume(checkpoint)
         self.model.train()
         with StopFlag() as stop:
