@@ -300,18 +300,14 @@ def test_elastic_transform_grows_with_alpha_nearly(shape):
 
 
 @SHAPES
-def test_fog_whitens_at_every_severity_but_does_not_grow(shape):
-    """albumentations' fog on a 28-32 px image does NOT grow with fog_coef: a larger coefficient
-    draws fewer, larger and more opaque particles, and the whitening stays about the same (on
-    28 x 28 severity 1 is the strongest). Checked here: every severity blends toward white
-    (brighter, less contrast), by a similar amount."""
+def test_fog_whitens_more_at_every_severity(shape):
+    """Fog as make_cifar_c.py makes it: a plasma haze that brightens the image, more at every
+    severity (its texture adds variation, so the pixel spread need not fall)."""
     images = naturals(shape, n=16)
-    d = []
-    for s in SEVERITIES:
-        out = run("fog", s, images).astype(np.float64)
-        assert out.mean() > images.mean() + 10 and out.std() < images.std(), s
-        d.append(mad(out, images))
-    assert max(d) < 3 * min(d), d
+    means = [run("fog", s, images).astype(np.float64).mean() for s in SEVERITIES]
+    assert images.mean() < means[0] and all(a < b for a, b in zip(means, means[1:])), means
+    d = changes("fog", shape)
+    assert all(a < b for a, b in zip(d, d[1:])), d
 
 
 @SHAPES
@@ -343,7 +339,7 @@ def test_every_corruption_runs_and_keeps_the_layout(name, shape):
         assert not np.array_equal(out[s - 1], images), f"{name} severity {s} left the images unchanged"
 
 
-@pytest.mark.parametrize("name", ["fog", "snow"])
+@pytest.mark.parametrize("name", ["snow"])
 def test_colour_transforms_see_grayscale_as_rgb_and_give_back_its_luminance(name):
     import albumentations as A
 

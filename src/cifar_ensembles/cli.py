@@ -225,11 +225,7 @@ def _add_report_parsers(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cifar-ensembles", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_data_parsers(sub) -> None:
     s = sub.add_parser("download", help="fetch a dataset (torchvision download or local source), MD5-checked")
     s.add_argument("--dataset", required=True)
     s.add_argument("--spec", required=True, help="{source, url, md5} (JSON)")
@@ -249,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_prepare)
 
+
+def _add_model_parsers(sub) -> None:
     s = sub.add_parser("train", help="train one model for one seed")
     s.add_argument("--data", required=True)
     s.add_argument("--spec", required=True, help="the training spec (JSON)")
@@ -271,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", required=True, type=int)
     s.set_defaults(func=cmd_predict)
 
+
+def _add_ensemble_parsers(sub) -> None:
     s = sub.add_parser("ensemble", help="voting, subsets, greedy selection, calibration; k chosen on val")
     s.add_argument("--data", required=True, help="data.npz (for the labels)")
     s.add_argument("--seeds", required=True, type=int, nargs="+")
@@ -287,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_compare)
 
+
+def _add_shift_parsers(sub) -> None:
     s = sub.add_parser("shift-set", help="one corruption at severities 1-5 of the test split")
     s.add_argument("--dataset", required=True)
     s.add_argument("--corruption", required=True)
@@ -325,7 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_diversity)
 
-    _add_report_parsers(sub)
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cifar-ensembles", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_data_parsers, _add_model_parsers, _add_ensemble_parsers, _add_shift_parsers,
+                _add_report_parsers):
+        add(sub)
     return p
 
 

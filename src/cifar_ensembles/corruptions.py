@@ -6,7 +6,7 @@ severity 1..5 are written in the config (`shift.corruptions.<name>.severities`, 
 source of every value), applied with probability 1. Every (corruption, severity) draws
 from its own seed, derived from (`shift.seed`, the corruption's name, the severity), so a
 set is the same bit for bit however many others there are. Transforms that need colour
-(fog, snow, spatter) see a grayscale image as RGB and give back its luminance.
+(albumentations' fog, snow and spatter) see a grayscale image as RGB and give back its luminance.
 """
 
 from __future__ import annotations

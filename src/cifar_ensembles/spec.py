@@ -242,9 +242,9 @@ class EnsembleSpec:
 
 
 CorruptionTransform = Literal["GaussNoise", "ShotNoise", "SaltAndPepper", "Defocus", "MotionBlur",
-                              "GlassBlur", "ZoomBlur", "GaussianBlur", "RandomFog", "RandomSnow", "Spatter",
-                              "RandomBrightnessContrast", "ColorJitter", "ImageCompression", "Downscale",
-                              "ElasticTransform"]
+                              "GlassBlur", "ZoomBlur", "GaussianBlur", "RandomFog",
+                              "PlasmaBrightnessContrast", "RandomSnow", "Spatter", "RandomBrightnessContrast",
+                              "ColorJitter", "ImageCompression", "Downscale", "ElasticTransform"]
 
 
 @dataclass(frozen=True)

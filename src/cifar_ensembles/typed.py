@@ -60,55 +60,57 @@ class _Mismatch(Exception):
     """The value does not have the type (the caller tries the next union member or reports)."""
 
 
+def _scalar(tp, value, path: str):
+    """None, bool, int (not bool), float (finite; ints accepted) or str."""
+    ok = {type(None): value is None, bool: isinstance(value, bool), str: isinstance(value, str),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool)}[tp]
+    if not ok:
+        raise _Mismatch
+    if tp is float:
+        if not math.isfinite(value):
+            raise UserError(f"{path}: expected a finite number, got {value}")
+        return float(value)
+    return value
+
+
+def _sequence(origin, args, value, path: str):
+    if not isinstance(value, (list, tuple)):
+        raise _Mismatch
+    if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(value) != len(args):
+            raise UserError(f"{path}: expected {len(args)} values, got {len(value)}")
+        return tuple(from_data(a, v, _join(path, i)) for i, (a, v) in enumerate(zip(args, value)))
+    item = args[0] if args else Any
+    items = [from_data(item, v, _join(path, i)) for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _choice(origin, args, value, path: str):
+    """A Literal (type-exact: True is not 1) or a union (the first member that fits)."""
+    if origin is Literal:
+        if any(type(value) is type(option) and value == option for option in args):
+            return value
+        raise _Mismatch
+    for option in args:
+        try:
+            return _convert(option, value, path)
+        except _Mismatch:
+            continue
+    raise _Mismatch
+
+
 def _convert(tp, value, path: str):
     """`value` as an instance of `tp`; raises _Mismatch (wrong type) or UserError (a field inside)."""
     if tp is Any:
         return value
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _Mismatch
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise UserError(f"{path}: expected a finite number, got {value}")
-            return float(value)
-        raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
+    if tp in (type(None), bool, int, float, str):
+        return _scalar(tp, value, path)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        for option in args:  # type-exact: True is not 1
-            if type(value) is type(option) and value == option:
-                return value
-        raise _Mismatch
-    if origin in (Union, types.UnionType):
-        for option in args:
-            try:
-                return _convert(option, value, path)
-            except _Mismatch:
-                continue
-        raise _Mismatch
+    if origin in (Literal, Union, types.UnionType):
+        return _choice(origin, args, value, path)
     if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise UserError(f"{path}: expected {len(args)} values, got {len(value)}")
-            return tuple(from_data(a, v, _join(path, i)) for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        items = [from_data(item, v, _join(path, i)) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _sequence(origin, args, value, path)
     if origin is dict:
         if not isinstance(value, dict):
             raise _Mismatch

@@ -352,67 +352,52 @@ def _read_side(summary_path, test_paths, shift_paths: dict, set_labels, index, y
     return summary, test, shift
 
 
-def shift_summary_to_file(
-    experiment: str,
-    summary_path,
-    test_paths,
-    shift_paths: dict,
-    set_paths: dict,
-    data_path,
-    spec: EnsembleSpec,
-    baseline: BaselineFiles | None,
-    out_json,
-) -> ShiftSummary:
+def _gains(shift: dict, labels: np.ndarray, summary: EnsembleSummary, boot: np.ndarray) -> list[SeverityGain]:
+    """Per severity, over all corruptions: mean single and ensemble accuracy, the paired gain."""
+    gains = []
+    for i, s in enumerate(SEVERITIES):
+        singles, ensemble = zip(*(_correct(probs[:, i], labels, summary) for probs in shift.values()))
+        gain = paired_gain(np.stack(ensemble), np.stack(singles, axis=1), boot)
+        gains.append(SeverityGain(severity=s, single_accuracy=float(np.mean(singles)),
+                                  ensemble_accuracy=float(np.mean(ensemble)), gain=gain["gain"],
+                                  ci=tuple(gain["ci"])))
+    return gains
+
+
+def _shared_images(set_paths: dict, corruptions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, positions in the test split) that every set shares."""
+    sets = {c: load_shift_set(set_paths[c]) for c in corruptions}
+    first = sets[corruptions[0]]
+    if any(not np.array_equal(d["index"], first["index"]) for d in sets.values()):
+        raise UserError("shift: the corrupted sets hold different images; rebuild them "
+                        "(snakemake --forcerun shift_set)")
+    return first["y"], first["index"]
+
+
+def shift_summary_to_file(experiment: str, summary_path, test_paths, shift_paths: dict, set_paths: dict,
+                          data_path, spec: EnsembleSpec, baseline: BaselineFiles | None,
+                          out_json) -> ShiftSummary:
     """shift.json of one experiment; `shift_paths`, `set_paths`: {corruption: file}."""
     corruptions = list(shift_paths)
-    sets_data = {c: load_shift_set(set_paths[c]) for c in corruptions}
-    first = sets_data[corruptions[0]]
-    labels, index = first["y"], first["index"]
-    if any(not np.array_equal(d["index"], index) for d in sets_data.values()):
-        raise UserError(
-            "shift: the corrupted sets hold different images; rebuild them (snakemake --forcerun shift_set)"
-        )
+    missing = [c for c in corruptions if c not in set_paths or (baseline and c not in baseline.shift)]
+    if missing:
+        raise UserError(f"shift: no corrupted set or baseline predictions for {missing[0]!r}")
+    labels, index = _shared_images(set_paths, corruptions)
     y_test = splits.load(data_path, ("y_test", "classes"))["y_test"]
     summary, clean_probs, shift = _read_side(summary_path, test_paths, shift_paths, labels, index, y_test)
     clean, sets = _all_sets(summary, shift, labels, clean_probs, spec.ece_bins)
     boot = bootstrap_indices(len(labels), spec.bootstrap, spec.bootstrap_seed)
-    by_severity = []
-    for i, s in enumerate(SEVERITIES):
-        singles, ensemble = zip(*(_correct(shift[c][:, i], labels, summary) for c in corruptions))
-        gain = paired_gain(np.stack(ensemble), np.stack(singles, axis=1), boot)
-        by_severity.append(
-            SeverityGain(
-                severity=s,
-                single_accuracy=float(np.mean(singles)),
-                ensemble_accuracy=float(np.mean(ensemble)),
-                gain=gain["gain"],
-                ci=tuple(gain["ci"]),
-            )
-        )
     errors = None
     if baseline is not None:
         base_summary, base_clean_probs, base_shift = _read_side(
-            baseline.summary,
-            baseline.test,
-            {c: baseline.shift[c] for c in corruptions},
-            labels,
-            index,
-            y_test,
-        )
+            baseline.summary, baseline.test, {c: baseline.shift[c] for c in corruptions}, labels, index,
+            y_test)
         base_clean, base_sets = _all_sets(base_summary, base_shift, labels, base_clean_probs, spec.ece_bins)
         errors = _corruption_errors(sets, clean, base_sets, base_clean, corruptions, baseline.name)
-    result = ShiftSummary(
-        experiment=experiment,
-        seeds=summary.seeds,
-        members=summary.members,
-        method=summary.method,
-        images=len(labels),
-        corruptions=corruptions,
-        clean=clean,
-        sets=sets,
-        by_severity=by_severity,
-        corruption_error=errors,
-    )
+    result = ShiftSummary(experiment=experiment, seeds=summary.seeds, members=summary.members,
+                          method=summary.method, images=len(labels), corruptions=corruptions, clean=clean,
+                          sets=sets, by_severity=_gains(shift, labels, summary, boot),
+                          corruption_error=errors)
     result.save(out_json)
     return result
 
