@@ -14,13 +14,13 @@ import argparse
 import functools
 import sys
 
-from .errors import UserError
+from .errors import Preempted, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75
 SPEC_OF = {"download": "SourceSpec", "download-weights": "WeightsSpec", "prepare": "SplitSpec",
            "train": "TrainingSpec", "predict": "PredictSpec", "ensemble": "EnsembleSpec",
-           "shift-set": "ShiftSetSpec", "predict-shift": "PredictSpec", "shift": "EnsembleSpec"}
+           "shift-set": "ShiftSetSpec", "shift": "EnsembleSpec"}
 
 
 # The shapes of the JSON file maps the rules pass, checked like specs.
@@ -117,11 +117,15 @@ def cmd_shift_set(a) -> None:
 
 def cmd_predict_shift(a) -> None:
     from .gpu_claim import claim_gpu_for_job
-    from .stages.shift import predict_shift
+    from .stages.predict import ShiftPredictions, predict_shift
+    from .typed import from_json
 
-    spec = _spec(SPEC_OF[a.command], a.spec)
-    claim_gpu_for_job(spec.device, None, jobs_per_gpu=8)  # one slot, as predict
-    predict_shift(a.models, a.set, a.out, spec, a.threads)
+    experiments = from_json(dict[str, ShiftPredictions], a.experiments, "--experiments")
+    if not experiments:
+        raise UserError("--experiments: names no experiment")
+    first = next(iter(experiments.values()))
+    claim_gpu_for_job(first.spec.device, None, jobs_per_gpu=8)  # one slot, as predict
+    predict_shift(experiments, a.set, a.threads)
 
 
 def cmd_shift(a) -> None:
@@ -297,11 +301,10 @@ def _add_shift_parsers(sub) -> None:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_shift_set)
 
-    s = sub.add_parser("predict-shift", help="an experiment's members on one corrupted set")
-    s.add_argument("--models", required=True, nargs="+", help="model.pt per seed, in seed order")
+    s = sub.add_parser("predict-shift", help="every experiment's members on one corrupted set")
     s.add_argument("--set", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--spec", required=True, help="{device, batch_size} (JSON)")
+    s.add_argument("--experiments", required=True,
+                   help="{name: {models: [model.pt per seed], out: .npy, spec: {device, batch_size}}}")
     s.add_argument("--threads", required=True, type=int)
     s.set_defaults(func=cmd_predict_shift)
 
@@ -340,7 +343,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .training import Preempted
 
     try:
         args.func(args)

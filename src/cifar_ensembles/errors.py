@@ -7,3 +7,9 @@ and keeps its traceback.
 
 class UserError(Exception):
     """A problem with the user's input, described in one line that names the field or file."""
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGUSR1 arrived during training; the checkpoint is written and the job exits
+    with 75 (EX_TEMPFAIL) so that a rerun resumes. Here, not in `training`, so that commands
+    which never train need not import torch to recognise it."""

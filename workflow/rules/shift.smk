@@ -1,6 +1,7 @@
 # Stage 7: distribution shift. Corrupted copies of the test split (one job per corruption),
-# every experiment's members on each (one job per experiment and corruption), then per
-# experiment the scores under shift and the diversity of its members. Adding or removing a
+# every experiment's members on each (one job per corruption: one torch start-up, whatever
+# the number of experiments), then per experiment the scores under shift and the diversity
+# of its members. Adding or removing a
 # corruption runs only its own jobs and the analyses and figures after them; nothing
 # retrains.
 
@@ -24,22 +25,24 @@ rule shift_set:
 
 rule predict_shift:
     input:
-        models=member_files("model.pt"),
+        models=all_models(),
         set=shift_set_file("{corruption}"),
     output:
-        "results/{experiment}/shift/{corruption}.npy",
+        [f"results/{experiment}/shift/{{corruption}}.npy" for experiment in EXPERIMENTS],
     log:
-        "logs/shift/{experiment}_{corruption}.log",
+        "logs/shift/predict_{corruption}.log",
     threads: 1
     resources:
         gpu=1,
         gpu_slots=1,
-        predict_settings=lambda wc: predict_settings(wc.experiment),
+        # each experiment's members, output and runtime device and batch size: a resource, not
+        # a param, so that a runtime change repredicts nothing (the files are inputs and outputs)
+        predict_settings=lambda wc: shift_predictions(wc.corruption),
     conda:
         "../../envs/torch.yaml"
     shell:
-        "cifar-ensembles predict-shift --models {input.models} --set {input.set} --out {output} "
-        "--spec {resources.predict_settings:q} --threads {threads} 2> {log}"
+        "cifar-ensembles predict-shift --set {input.set} --experiments {resources.predict_settings:q} "
+        "--threads {threads} 2> {log}"
 
 
 rule shift_summary:

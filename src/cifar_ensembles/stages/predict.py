@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from ..inference import predict_logits, softmax_np
 from ..metrics import accuracy, nll
 from ..models import build_model
 from ..spec import PredictSpec
+from .shift import load_shift_set
 
 # Predictions are computed in float32 whatever precision training used: the probabilities
 # are then the network's, not bf16's rounding of them, and cost one pass per split.
@@ -55,3 +57,45 @@ def predict_to_files(model_path, data_path, split: str, probs_path, metrics_path
         save_npy(probs_path, probs.astype(np.float32))
         write_json(metrics_path, metrics)
     return metrics
+
+
+@dataclass(frozen=True)
+class ShiftPredictions:
+    """One experiment's part of a predict-shift job: its members, where their probabilities go,
+    and how they run (its runtime's device and batch size)."""
+
+    models: list[str]
+    out: str
+    spec: PredictSpec
+
+
+def _members_on(models: list[str], x: np.ndarray, set_path, spec: PredictSpec) -> np.ndarray:
+    """members x severities x N x C probabilities of the models on x (severities x N x H x W x C)."""
+    device = resolve_device(spec.device)
+    members = []
+    for path in models:
+        model, record = load_model(path)
+        if x.shape[-1] != record.in_channels:
+            raise UserError(f"{path}: the model takes {record.in_channels} channels, {set_path} has "
+                            f"{x.shape[-1]}")
+        logits = predict_logits(model.to(device), x.reshape(-1, *x.shape[2:]),
+                                np.asarray(record.mean, np.float32), np.asarray(record.std, np.float32),
+                                device, spec.batch_size, PREDICT_PRECISION)
+        probs = softmax_np(logits).reshape(x.shape[0], x.shape[1], -1)
+        if not np.all(np.isfinite(probs)):
+            raise UserError(f"{path}: the model predicts non-finite probabilities; retrain it")
+        members.append(probs)
+    return np.stack(members).astype(np.float32)
+
+
+def predict_shift(experiments: dict[str, ShiftPredictions], set_path, threads: int) -> dict[str, np.ndarray]:
+    """Every experiment's members on one corrupted set, in one process (one torch start-up per
+    corruption, not per experiment and corruption): one probability file per experiment."""
+    torch.set_num_threads(max(int(threads), 1))
+    x = load_shift_set(set_path)["x"]
+    out = {}
+    with all_or_none(*(job.out for job in experiments.values())):
+        for name, job in experiments.items():
+            out[name] = _members_on(job.models, x, set_path, job.spec)
+            save_npy(job.out, out[name])
+    return out

@@ -335,6 +335,34 @@ def _comparison_lines(comparisons) -> list[str]:
     return lines
 
 
+FIGURES = {  # file (beside summary.md) -> caption
+    "accuracy.png": "Test accuracy of the mean single model and the chosen ensemble, with 95% bootstrap "
+                    "intervals.",
+    "cost.png": "Training cost per model: job wall time and images per second.",
+    "shift.png": "Accuracy and ECE against corruption severity (boxes over corruptions): single models "
+                 "(light) and the chosen ensemble (dark) of every experiment.",
+}
+EXPERIMENT_FIGURES = {
+    "training_curves.png": "training curves (mean over seeds, band: min-max)",
+    "ensemble_curve.png": "accuracy against ensemble size, validation and test",
+    "reliability.png": "reliability diagrams of the best single model and the chosen ensemble",
+    "diversity.png": "member disagreement, the ensemble's gain against its size, diversity under shift",
+}
+
+
+def _figure_lines(experiments: list[str], with_shift: bool) -> list[str]:
+    """The figures beside summary.md, linked with their captions (Markdown viewers show them)."""
+    lines = ["", "## Figures", ""]
+    for name, caption in FIGURES.items():
+        if name != "shift.png" or with_shift:
+            lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+    for experiment in experiments:
+        for name, caption in EXPERIMENT_FIGURES.items():
+            lines += [f"![{experiment}: {caption}]({experiment}/{name})", "",
+                      f"*{experiment}: {caption}*", ""]
+    return lines
+
+
 def _csv_text(rows: list[dict]) -> str:
     body = io.StringIO()
     writer = csv.DictWriter(body, fieldnames=list(rows[0]) if rows else ["experiment"], lineterminator="\n")
@@ -363,5 +391,6 @@ def write_summary(ensemble_jsons: dict, runs: dict, comparisons_json,
              "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += _comparison_lines(comparisons) + shift_lines(shift or {}) + diversity_lines(diversity or {})
+    lines += _figure_lines(list(summaries), bool(shift))
     write_text(out_md, "\n".join(lines) + "\n")
     write_text(out_csv, _csv_text([_csv_row(n, s, costs[n], published.get(n)) for n, s in summaries.items()]))

@@ -3,8 +3,8 @@
 - `make_shift_set`: one corruption at severities 1..5 of (a stratified subset of) the test
   split, generated with albumentations or read from a local CIFAR-10-C -> an .npz
   (x: 5 x N x H x W x C uint8, y, and `index`, the images' positions in the test split).
-- `predict_shift`: one experiment's members on one corruption -> probabilities
-  (members x 5 x N x C, float32).
+- `stages.predict.predict_shift`: the members of every experiment on one corruption ->
+  probabilities (members x 5 x N x C, float32), one file per experiment.
 - `shift_summary_to_file`: per (corruption, severity) accuracy, NLL, Brier and ECE of every
   single model and the chosen ensemble, before and after the validation-fitted temperature;
   corruption error against the baseline experiment; the ensemble's gain per severity with a
@@ -22,12 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .. import diversity, splits
-from ..atomic import save_npy, save_npz
+from ..atomic import save_npz
 from ..corruptions import SEVERITIES, corrupt_all
-from ..device import resolve_device
 from ..ensemble import hard_vote
 from ..errors import UserError
 from ..formats import (
@@ -43,12 +41,10 @@ from ..formats import (
     ShiftSummary,
     error_line,
 )
-from ..inference import predict_logits, softmax_np
 from ..metrics import bootstrap_indices
 from ..shift_metrics import corruption_error, mean_defined, paired_gain, relative_corruption_error, scored
-from ..spec import EnsembleSpec, PredictSpec, ShiftSetSpec
+from ..spec import EnsembleSpec, ShiftSetSpec
 from .ensemble import load_members
-from .predict import PREDICT_PRECISION, load_model
 
 CIFAR10C_IMAGES = 10_000  # per severity in CIFAR-10-C: the CIFAR-10 test set, in its order
 
@@ -180,38 +176,6 @@ def load_shift_set(path) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------ predictions
-def predict_shift(model_paths, set_path, out, spec: PredictSpec, threads: int) -> np.ndarray:
-    """Probabilities of every member on every severity: members x 5 x N x C, float32."""
-    torch.set_num_threads(max(int(threads), 1))
-    device = resolve_device(spec.device)
-    shift = load_shift_set(set_path)
-    x = shift["x"]
-    members = []
-    for path in model_paths:
-        model, record = load_model(path)
-        if x.shape[-1] != record.in_channels:
-            raise UserError(
-                f"{path}: the model takes {record.in_channels} channels, {set_path} has {x.shape[-1]}"
-            )
-        model = model.to(device)
-        logits = predict_logits(
-            model,
-            x.reshape(-1, *x.shape[2:]),
-            np.asarray(record.mean, np.float32),
-            np.asarray(record.std, np.float32),
-            device,
-            spec.batch_size,
-            PREDICT_PRECISION,
-        )
-        probs = softmax_np(logits).reshape(x.shape[0], x.shape[1], -1)
-        if not np.all(np.isfinite(probs)):
-            raise UserError(f"{path}: the model predicts non-finite probabilities; retrain it")
-        members.append(probs)
-    probs = np.stack(members).astype(np.float32)
-    save_npy(out, probs)
-    return probs
-
-
 def load_shift_probs(path, members: int, images: int) -> np.ndarray:
     try:
         probs = np.load(path, allow_pickle=False)

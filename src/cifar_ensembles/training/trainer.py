@@ -20,7 +20,7 @@ import torch
 
 from ..augment import normalization
 from ..device import autocast, resolve_device
-from ..errors import UserError
+from ..errors import Preempted, UserError
 from ..formats import Checkpoint, DamagedFile, Divergence, EpochProgress, HistoryRow, ModelRecord
 from ..inference import predict_logits
 from ..spec import RuntimeSpec, TrainingSpec
@@ -31,10 +31,6 @@ from .signals import StopFlag
 from .step import TrainStep
 
 NONFINITE_CHECK_EVERY = 16  # steps between host syncs that look for a NaN/inf loss
-
-
-class Preempted(Exception):
-    """SIGTERM or SIGUSR1 arrived; the checkpoint is written and the job should exit non-zero."""
 
 
 @dataclass
