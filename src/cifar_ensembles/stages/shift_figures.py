@@ -62,7 +62,8 @@ def plot_shift(shift_jsons: dict, out_paths, dpi: int) -> None:
         for i, name in enumerate(summaries)
         for alpha, kind in ((0.35, "single models (mean)"), (0.85, "chosen ensemble"))
     ]
-    axes[0].legend(handles=handles, frameon=False, fontsize=8, ncol=2, loc="lower left")
+    axes[0].legend(handles=handles, frameon=False, fontsize=8, ncol=min(4, len(handles)), loc="lower center",
+                   bbox_to_anchor=(0.5, 1.0))
     n = next(iter(summaries.values()))
     fig.suptitle(
         f"accuracy and calibration under shift: {len(n.corruptions)} corruptions x 5 severities, "
@@ -72,20 +73,16 @@ def plot_shift(shift_jsons: dict, out_paths, dpi: int) -> None:
 
 
 def _matrix(ax, matrix: np.ndarray, seeds: list[int]) -> None:
-    shown = 100 * matrix
-    image = ax.imshow(shown, cmap="viridis", vmin=0)
-    for i in range(len(seeds)):
-        for j in range(len(seeds)):
-            if i != j and len(seeds) <= 12:
-                ax.text(
-                    j,
-                    i,
-                    f"{shown[i, j]:.1f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if shown[i, j] < 0.6 * shown.max() else "black",
-                )
+    """Pairwise disagreement (%), the diagonal (a member with itself) left blank."""
+    shown = np.where(np.eye(len(seeds), dtype=bool), np.nan, 100 * matrix)
+    off = shown[~np.isnan(shown)]
+    image = ax.imshow(shown, cmap="viridis", vmin=off.min() if off.size else 0,
+                      vmax=off.max() if off.size else 1)
+    if len(seeds) <= 12:
+        for i in range(len(seeds)):
+            for j in range(len(seeds)):
+                if i != j:
+                    ax.text(j, i, f"{shown[i, j]:.1f}", ha="center", va="center", fontsize=8, color="white")
     ax.set_xticks(range(len(seeds)), [str(s) for s in seeds])
     ax.set_yticks(range(len(seeds)), [str(s) for s in seeds])
     ax.set_xlabel("seed")
@@ -150,7 +147,7 @@ def _under_shift(ax, diversity: DiversitySummary) -> None:
         0.4,
         color=PALETTE[2],
         alpha=0.8,
-        label="NLL gain of averaging (x100)",
+        label="NLL gain of averaging (nats x 100)",
     )
     ax.set_xticks(x, labels)
     _style(ax, "corruption severity", "")
@@ -162,7 +159,7 @@ def plot_diversity(diversity_json, ensemble_json, experiment: str, out_paths, dp
     diversity = DiversitySummary.load(diversity_json)
     ensemble = EnsembleSummary.load(ensemble_json)
     panels = 3 if diversity.by_severity else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.6), dpi=dpi)
+    fig, axes = plt.subplots(1, panels, figsize=(5.4 * panels, 4.8), dpi=dpi, layout="constrained")
     _matrix(axes[0], np.asarray(diversity.disagreement), diversity.seeds)
     _gain_by_k(axes[1], ensemble)
     if diversity.by_severity:
