@@ -40,7 +40,7 @@ TINY_TRAINING = {
     "model": {"name": "resnet18_cifar", "width": 4, "pretrained": False, "input_size": None},
     "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
     "scheduler": {"name": "cosine", "interval": "step"},
-    "augment": {"name": "torchvision"},
+    "augment": {"name": "torchvision", "mode": "per_image"},
 }
 TINY_RUNTIME = {"device": "cpu", "loader": {"num_workers": 0}}
 

@@ -364,7 +364,7 @@ def test_config_documents_and_the_schema_accepts_the_runtime_keys():
     assert set(runtime) == set(RUNTIME_KEYS) == {f.name for f in dataclasses.fields(RuntimeSpec)}
     for key in ("channels_last", "compile", "cudnn_benchmark", "jobs_per_gpu"):
         assert key not in training, f"{key} is a runtime setting"
-    assert training["augment"]["mode"] == "per_image" and "device" not in training["augment"]
+    assert training["augment"]["mode"] == "batched" and "device" not in training["augment"]
     text = (ROOT / "config.yaml").read_text()
     for key in RUNTIME_KEYS:
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(f"{key}:"))

@@ -120,7 +120,8 @@ def write_one_experiment(workdir: Path, cifar_archive) -> None:
     """source.yaml (the archive) and one-experiment.yaml (EXPERIMENT with SEEDS) in `workdir`."""
     write_source(workdir, *cifar_archive)
     (workdir / "one-experiment.yaml").write_text(yaml.safe_dump(
-        {"run_experiments": [EXPERIMENT], "experiments": {EXPERIMENT: {"seeds": SEEDS}}}))
+        {"run_experiments": [EXPERIMENT], "experiments": {EXPERIMENT: {"seeds": SEEDS}},
+         "shift": {"baseline": EXPERIMENT}}))
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,8 @@ def test_the_demo_preset_resolves_its_experiment_overrides():
     sam = spec.experiments["single_asam"].training
     assert sam.optimizer.name == "sam" and sam.optimizer.rho == 0.05 and sam.optimizer.lr == 0.05
     assert sam.optimizer.eta == 0.01  # config.yaml's default, not the library's
-    assert sam.model.width == 16 and spec.experiments["single_asam"].runtime.device == "cpu"
+    assert sam.model.width == 8 and sam.precision == "bf16"
+    assert spec.experiments["single_asam"].runtime.device == "cpu"
 
 
 # ------------------------------------------------------------------ typed checks

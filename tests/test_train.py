@@ -436,22 +436,29 @@ def test_divergence_is_recorded_and_a_rerun_fails_at_once_until_the_spec_changes
     assert not ckpt.exists()
 
 
+class NanAtStep(torch.nn.Module):
+    """A loss that turns NaN at the given training step (validation passes no gradient)."""
+
+    def __init__(self, loss: torch.nn.Module, step: int):
+        super().__init__()
+        self.loss, self.step, self.calls = loss, step, 0
+
+    def forward(self, logits, y):
+        loss = self.loss(logits, y)
+        if logits.requires_grad:  # training steps only, not validation
+            self.calls += 1
+            if self.calls == self.step:
+                return loss * float("nan")
+        return loss
+
+
 def test_diverged_names_the_first_bad_epoch_and_step(tmp_path):
     spec = tiny_spec(epochs=3, augment={"name": "none"})
     data = make_data()
     steps = len(data["y_train"]) // spec.batch_size
     run = trainer(spec, data, 0)
-    real_loss, calls = run.parts.loss_fn, []
-
-    def loss_fn(logits, y):
-        loss = real_loss(logits, y)
-        if logits.requires_grad:  # training steps only, not validation
-            calls.append(1)
-            if len(calls) == steps + 3:
-                return loss * float("nan")
-        return loss
-
-    run.parts.loss_fn = loss_fn
+    # the loss the training step runs sits inside the network module (compiled together)
+    run.parts.step_model.loss_fn = NanAtStep(run.parts.loss_fn, steps + 3)
     ckpt = tmp_path / "run.ckpt"
     with pytest.raises(Diverged, match=r"\bepoch 2, step 3\b"):
         run.fit(ckpt)
