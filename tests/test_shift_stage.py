@@ -781,18 +781,19 @@ def _damage_probs(good: Path, path: Path, how: str) -> str:
     if how == "bare pickle":
         path.write_bytes(pickle.dumps(probs))
         return "not a probability array (ValueError: a pickle, not an array; refused (allow_pickle=False))"
+    problem = "damaged probability array"  # the checks every probability file gets
     if how == "one member short":
-        probs = probs[1:]
+        probs, problem = probs[1:], "damaged shift probabilities"
     elif how == "4 severities":
-        probs = probs[:, :4]
+        probs, problem = probs[:, :4], "damaged shift probabilities"
     elif how == "integer":
-        probs = (probs * 100).astype(np.int64)
+        probs, problem = (probs * 100).astype(np.int64), "not a probability array"
     elif how == "rows not summing to 1":
         probs = probs * 0.5
     elif how == "NaN":
         probs[0, 2, 3, 1] = np.nan
     np.save(path, probs)
-    return "damaged shift probabilities"
+    return problem
 
 
 PROBS_DAMAGE = ["truncated", "missing", "object array", "bare pickle", "one member short", "4 severities",

@@ -557,24 +557,31 @@ def read_json(path: str | os.PathLike, what: str):
         raise DamagedFile(path, f"not a readable {what} ({error_line(err)})") from None
 
 
-def load_probabilities(path: str | os.PathLike) -> np.ndarray:
-    """A member's class probabilities (N x C float32); checked to be finite rows on the simplex."""
+def load_probability_array(path: str | os.PathLike, ndim: int, what: str = "probability array") -> np.ndarray:
+    """Class probabilities in an .npy (classes on the last axis, `ndim` axes), read without
+    pickles and checked: floats, finite, non-negative, every row summing to 1."""
     try:
         probs = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise DamagedFile(path, "missing") from None
     except (OSError, ValueError, EOFError) as err:
-        raise DamagedFile(path, f"not a probability array ({error_line(err)})") from None
-    if not isinstance(probs, np.ndarray) or probs.ndim != 2 or probs.dtype.kind != "f" or probs.shape[1] < 2:
-        raise DamagedFile(path, f"not a probability array (shape {getattr(probs, 'shape', '?')}, "
+        raise DamagedFile(path, f"not a {what} ({error_line(err)})") from None
+    if (not isinstance(probs, np.ndarray) or probs.ndim != ndim or probs.dtype.kind != "f"
+            or probs.shape[-1] < 2):
+        raise DamagedFile(path, f"not a {what} (shape {getattr(probs, 'shape', '?')}, "
                                 f"dtype {getattr(probs, 'dtype', '?')})")
     if not np.all(np.isfinite(probs)) or probs.min(initial=0.0) < 0:
-        raise DamagedFile(path, "damaged probability array (values that are negative or not finite)")
-    sums = probs.sum(axis=1, dtype=np.float64)
+        raise DamagedFile(path, f"damaged {what} (values that are negative or not finite)")
+    sums = probs.reshape(-1, probs.shape[-1]).sum(axis=1, dtype=np.float64)
     if len(sums) and not np.allclose(sums, 1.0, atol=1e-3):
         worst = int(np.argmax(np.abs(sums - 1.0)))
-        raise DamagedFile(path, f"damaged probability array (row {worst} sums to {sums[worst]:.4g}, not 1)")
+        raise DamagedFile(path, f"damaged {what} (row {worst} sums to {sums[worst]:.4g}, not 1)")
     return probs
+
+
+def load_probabilities(path: str | os.PathLike) -> np.ndarray:
+    """A member's class probabilities (N x C float32), checked."""
+    return load_probability_array(path, 2)
 
 
 def read_benchmark_seconds(path: str | os.PathLike) -> float:

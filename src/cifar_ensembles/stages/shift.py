@@ -40,6 +40,7 @@ from ..formats import (
     SeverityGain,
     ShiftSummary,
     error_line,
+    load_probability_array,
 )
 from ..metrics import bootstrap_indices
 from ..shift_metrics import corruption_error, mean_defined, paired_gain, relative_corruption_error, scored
@@ -177,25 +178,11 @@ def load_shift_set(path) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------ predictions
 def load_shift_probs(path, members: int, images: int) -> np.ndarray:
-    try:
-        probs = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise DamagedFile(path, "missing") from None
-    except (OSError, ValueError, EOFError) as err:
-        raise DamagedFile(path, f"not a probability array ({error_line(err)})") from None
-    if not (
-        isinstance(probs, np.ndarray)
-        and probs.dtype.kind == "f"
-        and probs.ndim == 4
-        and probs.shape[:3] == (members, len(SEVERITIES), images)
-    ):
-        raise DamagedFile(
-            path,
-            f"damaged shift probabilities (shape {getattr(probs, 'shape', '?')}, "
-            f"expected {members} x {len(SEVERITIES)} x {images} x classes)",
-        )
-    if not np.all(np.isfinite(probs)) or not np.allclose(probs.sum(-1, dtype=np.float64), 1.0, atol=1e-3):
-        raise DamagedFile(path, "damaged shift probabilities (not finite rows that sum to 1)")
+    """An experiment's probabilities on one corrupted set: members x 5 x N x C, checked."""
+    probs = load_probability_array(path, 4)
+    if probs.shape[:3] != (members, len(SEVERITIES), images):
+        raise DamagedFile(path, f"damaged shift probabilities (shape {probs.shape}, expected {members} x "
+                                f"{len(SEVERITIES)} x {images} x classes)")
     return probs
 
 
