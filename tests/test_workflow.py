@@ -320,3 +320,69 @@ def test_pretrained_experiments_fetch_weights_in_their_own_job(tmp_path, cifar_a
     weights_inputs = re.findall(r"rule train:\n\s+input: ([^\n]+)", out)
     assert sum("resnet18_imagenet.pth" in line for line in weights_inputs) == len(EXPERIMENTS[experiment])
     assert "download_weights" not in planned_jobs(tmp_path, configs)
+
+
+# ------------------------------------------------------------------ untrusted input through snakemake
+class _Poison:
+    """Unpickled naively, creates `marker` (the tests assert it never appears)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def _bad_archive(tmp_path: Path, case: str) -> tuple[Path, str, Path]:
+    """A CIFAR-10 archive of the user's own (with its own MD5): poisoned, or escaping its folder."""
+    from cifar_fixture import Member, cifar10_members, pickled_members, write_tar
+
+    members = cifar10_members(per_batch=40, test_size=60)
+    marker = tmp_path / "marker"
+    if case == "poisoned batch":
+        members["data_batch_2"] = {**members["data_batch_2"], "data": _Poison(marker)}
+        entries = pickled_members("cifar-10-batches-py", members)
+    else:  # a member named to land outside the folder
+        entries = [*pickled_members("cifar-10-batches-py", members),
+                   Member("cifar-10-batches-py/../../../escaped", b"x")]
+    archive = tmp_path / "own" / "cifar-10-python.tar.gz"
+    return archive, write_tar(archive, entries), marker
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, message", [("poisoned batch", "not a plain-data CIFAR batch"),
+                                           ("escaping member", "lands outside the folder")])
+def test_an_untrusted_archive_fails_cleanly_through_snakemake(tmp_path, case, message):
+    """The user's own archive, through the workflow: the download job fails in one line naming the
+    member, no traceback in Snakemake's output or the job log, no code run, nothing written outside,
+    and nothing that looks finished."""
+    archive, md5, marker = _bad_archive(tmp_path, case)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    proc = snakemake(workdir, [TINY, write_source(workdir, archive, md5)], check=False)
+    assert proc.returncode != 0
+    log = (workdir / "logs/download/cifar10.log").read_text().strip().splitlines()
+    assert len(log) == 1 and message in log[0] and log[0].startswith("cifar-ensembles download: error:"), log
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not marker.exists() and not list(tmp_path.rglob("escaped"))
+    assert not (workdir / "resources/cifar10/raw").exists()
+    assert not [p for p in (workdir / "resources/cifar10").iterdir() if p.name.startswith(".raw.")]
+
+
+NON_FINITE = [("training.optimizer.lr", ".nan"), ("runtime.eval_batch_size", ".inf"),
+              ("ensemble.bootstrap", ".inf")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("field, value", NON_FINITE)
+def test_a_non_finite_number_fails_at_parse_time_through_snakemake(tmp_path, cifar_archive, field, value):
+    section, *keys = field.split(".")
+    text = f"{section}:\n" + "".join(f"{'  ' * (i + 1)}{k}:\n" for i, k in enumerate(keys[:-1]))
+    text += f"{'  ' * len(keys)}{keys[-1]}: {value}\n"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    proc = snakemake(tmp_path, [TINY, write_source(tmp_path, *cifar_archive), bad], "-n", check=False)
+    assert proc.returncode != 0
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("config error:")]
+    assert len(lines) == 1 and field in lines[0], proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
