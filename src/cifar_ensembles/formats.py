@@ -24,7 +24,7 @@ import typing
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -256,6 +256,29 @@ class Checkpoint:
         return _typed(cls, body, path, "checkpoint", hint)
 
 
+class JsonRecord:
+    """A typed JSON file the workflow writes and reads back: tagged with its FORMAT, checked
+    field by field on load, then as a whole (`_misfit`: what does not fit together)."""
+
+    FORMAT: ClassVar[str]
+    WHAT: ClassVar[str]
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json(path, {"format": self.FORMAT, **to_data(self)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        body = _check_format(read_json(path, cls.WHAT), cls.FORMAT, path, cls.WHAT)
+        record = _typed(cls, body, path, cls.WHAT)
+        misfit = record._misfit()
+        if misfit:
+            raise DamagedFile(path, f"damaged {cls.WHAT} ({misfit})")
+        return record
+
+    def _misfit(self) -> str | None:
+        return None
+
+
 # ------------------------------------------------------------------ ensemble.json
 @dataclass(frozen=True)
 class Calibration:
@@ -333,7 +356,10 @@ class Bootstrap:
 
 
 @dataclass(frozen=True)
-class EnsembleSummary:
+class EnsembleSummary(JsonRecord):
+    FORMAT: ClassVar[str] = SUMMARY_FORMAT
+    WHAT: ClassVar[str] = "ensemble summary"
+
     seeds: list[int]
     method: str
     chosen_on: str
@@ -351,19 +377,11 @@ class EnsembleSummary:
     single_test_accuracy: SingleStats
     bootstrap: Bootstrap
 
-    def save(self, path: str | os.PathLike) -> None:
-        write_json(path, {"format": SUMMARY_FORMAT, **to_data(self)})
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> EnsembleSummary:
-        body = _check_format(read_json(path, "ensemble summary"), SUMMARY_FORMAT, path, "ensemble summary")
-        summary = _typed(cls, body, path, "ensemble summary")
-        misfit = summary._misfit()
-        if misfit:
-            raise DamagedFile(path, f"damaged ensemble summary (its parts do not fit together: {misfit})")
-        return summary
-
     def _misfit(self) -> str | None:
+        misfit = self._parts_misfit()
+        return f"its parts do not fit together: {misfit}" if misfit else None
+
+    def _parts_misfit(self) -> str | None:
         """What does not fit the seeds in a summary whose fields each have the right type."""
         seeds, m = self.seeds, len(self.seeds)
         if not 1 <= self.chosen_k <= m:
@@ -438,7 +456,10 @@ class CorruptionErrors:
 
 
 @dataclass(frozen=True)
-class ShiftSummary:
+class ShiftSummary(JsonRecord):
+    FORMAT: ClassVar[str] = SHIFT_FORMAT
+    WHAT: ClassVar[str] = "shift summary"
+
     experiment: str
     seeds: list[int]
     members: list[int]  # the chosen ensemble's
@@ -450,20 +471,14 @@ class ShiftSummary:
     by_severity: list[SeverityGain]
     corruption_error: CorruptionErrors | None
 
-    def save(self, path: str | os.PathLike) -> None:
-        write_json(path, {"format": SHIFT_FORMAT, **to_data(self)})
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> ShiftSummary:
-        body = _check_format(read_json(path, "shift summary"), SHIFT_FORMAT, path, "shift summary")
-        summary = _typed(cls, body, path, "shift summary")
-        expected = {(c, s) for c in summary.corruptions for s in range(1, 6)}
-        found = [(x.corruption, x.severity) for x in summary.sets]
+    def _misfit(self) -> str | None:
+        expected = {(c, s) for c in self.corruptions for s in range(1, 6)}
+        found = [(x.corruption, x.severity) for x in self.sets]
         if set(found) != expected or len(found) != len(expected):
-            raise DamagedFile(path, "damaged shift summary (sets are not one per corruption and severity)")
-        if any(len(x.singles) != len(summary.seeds) for x in [summary.clean, *summary.sets]):
-            raise DamagedFile(path, "damaged shift summary (singles are not one per seed)")
-        return summary
+            return "sets are not one per corruption and severity"
+        if any(len(x.singles) != len(self.seeds) for x in [self.clean, *self.sets]):
+            return "singles are not one per seed"
+        return None
 
 
 @dataclass(frozen=True)
@@ -478,26 +493,22 @@ class DiversityStats:
 
 
 @dataclass(frozen=True)
-class DiversitySummary:
+class DiversitySummary(JsonRecord):
+    FORMAT: ClassVar[str] = DIVERSITY_FORMAT
+    WHAT: ClassVar[str] = "diversity summary"
+
     seeds: list[int]
     disagreement: list[list[float]]  # on test, member x member
     kl: list[list[float]]
     test: DiversityStats
     by_severity: dict[str, DiversityStats]  # "1".."5", pooled over corruptions
 
-    def save(self, path: str | os.PathLike) -> None:
-        write_json(path, {"format": DIVERSITY_FORMAT, **to_data(self)})
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> DiversitySummary:
-        body = _check_format(read_json(path, "diversity summary"), DIVERSITY_FORMAT, path,
-                             "diversity summary")
-        summary = _typed(cls, body, path, "diversity summary")
-        m = len(summary.seeds)
+    def _misfit(self) -> str | None:
+        m = len(self.seeds)
         if any(len(matrix) != m or any(len(row) != m for row in matrix)
-               for matrix in (summary.disagreement, summary.kl)):
-            raise DamagedFile(path, "damaged diversity summary (matrices are not members x members)")
-        return summary
+               for matrix in (self.disagreement, self.kl)):
+            return "matrices are not members x members"
+        return None
 
 
 # ------------------------------------------------------------------ comparisons.json
