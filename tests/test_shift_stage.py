@@ -43,7 +43,7 @@ from cifar_ensembles.spec import ShiftSetSpec, ShiftSpec, load_config
 from cifar_ensembles.stages import shift as stage
 from cifar_ensembles.stages import shift_figures
 from cifar_ensembles.stages.ensemble import ensemble_to_files
-from cifar_ensembles.stages.predict import ShiftPredictions, predict_shift, predict_to_files
+from cifar_ensembles.stages.predict import predict_shift, predict_to_files
 from cifar_ensembles.stages.train import train_to_files
 from cifar_ensembles.typed import from_data, to_data, to_json
 
@@ -106,9 +106,7 @@ def world(tmp_path_factory):
         shift = {}
         for c in CORRUPTIONS:
             shift[c] = root / name / "shift" / f"{c}.npy"
-            one = ShiftPredictions(models=[str(m) for m in models], out=str(shift[c]),
-                                   spec=predict_spec(batch_size=16))
-            predict_shift({name: one}, sets[c], threads=1)
+            predict_shift([str(m) for m in models], sets[c], shift[c], predict_spec(batch_size=16), threads=1)
         files[name] = {"models": models, "test": test, "summary": summary, "shift": shift}
     baseline = stage.BaselineFiles(name="base", summary=str(files["base"]["summary"]),
                                    test=[str(p) for p in files["base"]["test"]],
@@ -423,32 +421,30 @@ def test_predict_shift_gives_member_severity_image_class_probabilities(world):
                                atol=1e-5)
 
 
-def shift_jobs(files: dict, out: dict, batch_size: int = 5) -> str:
-    """The --experiments JSON of predict-shift: {name: {models, out, spec}}."""
-    return json.dumps({name: {"models": [str(m) for m in files[name]["models"]], "out": str(out[name]),
-                              "spec": to_data(predict_spec(batch_size=batch_size))} for name in out})
+def predict_shift_args(files: dict, name: str, out, batch_size: int = 5) -> list:
+    """predict-shift's arguments for one experiment's members, less --set."""
+    return ["--models", *[str(m) for m in files[name]["models"]], "--out", str(out),
+            "--spec", json.dumps(to_data(predict_spec(batch_size=batch_size))), "--threads", "1"]
 
 
 def test_predict_shift_through_the_cli_equals_the_function(world, tmp_path):
-    """One job predicts every experiment's members on one corruption, a file per experiment."""
-    out = {name: tmp_path / f"{name}.npy" for name in EXPERIMENTS}
-    assert main(["predict-shift", "--set", str(world["sets"]["contrast"]),
-                 "--experiments", shift_jobs(world["files"], out), "--threads", "1"]) == 0
+    """One job per experiment and corruption: the experiment's members, one file."""
     for name in EXPERIMENTS:
-        np.testing.assert_allclose(np.load(out[name]), np.load(world["files"][name]["shift"]["contrast"]),
-                                   atol=1e-6)
+        out = tmp_path / f"{name}.npy"
+        assert main(["predict-shift", "--set", str(world["sets"]["contrast"]),
+                     *predict_shift_args(world["files"], name, out)]) == 0
+        expected = np.load(world["files"][name]["shift"]["contrast"])
+        np.testing.assert_allclose(np.load(out), expected, atol=1e-6)
 
 
 def test_predict_shift_refuses_a_model_of_other_channels(world, tmp_path):
     gray = make_data(n_train=4, size=32, channels=1, n_val=2, n_test=2)
     model = random_model(tmp_path / "gray.pt", 0, gray)
-    good = ShiftPredictions(models=[str(m) for m in world["files"]["base"]["models"]],
-                            out=str(tmp_path / "good.npy"), spec=predict_spec())
-    bad = ShiftPredictions(models=[str(model)], out=str(tmp_path / "p.npy"), spec=predict_spec())
+    models = [str(m) for m in world["files"]["base"]["models"]] + [str(model)]
     with pytest.raises(UserError, match="the model takes 1 channels"):
-        predict_shift({"good": good, "bad": bad}, world["sets"]["contrast"], 1)
-    # all or none: the experiment predicted before the failure leaves no file either
-    assert not (tmp_path / "p.npy").exists() and not (tmp_path / "good.npy").exists()
+        predict_shift(models, world["sets"]["contrast"], tmp_path / "p.npy", predict_spec(), 1)
+    # the members predicted before the failure leave no file
+    assert not (tmp_path / "p.npy").exists()
 
 
 # ------------------------------------------------------------------ shift.json
@@ -736,8 +732,7 @@ def test_damaged_shift_set_in_predict_shift(world, tmp_path, capsys, how):
     path = tmp_path / "contrast.npz"
     problem = _damage_set(world["sets"]["contrast"], path, how)
     out = tmp_path / "probs.npy"
-    err = run_main(["predict-shift", "--set", path,
-                    "--experiments", shift_jobs(world["files"], {"base": out}), "--threads", "1"], capsys)
+    err = run_main(["predict-shift", "--set", path, *predict_shift_args(world["files"], "base", out)], capsys)
     assert_damaged(err, path, problem)
     assert not out.exists()
 
@@ -832,8 +827,7 @@ def test_damaged_shift_set_in_a_subprocess_is_one_line_exit_2(world, tmp_path):
     path = tmp_path / "contrast.npz"
     problem = _damage_set(world["sets"]["contrast"], path, "truncated")
     out = tmp_path / "probs.npy"
-    result = cli("predict-shift", "--set", path, "--experiments", shift_jobs(world["files"], {"base": out}),
-                 "--threads", 1)
+    result = cli("predict-shift", "--set", path, *predict_shift_args(world["files"], "base", out))
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -20,7 +20,7 @@ EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75
 SPEC_OF = {"download": "SourceSpec", "download-weights": "WeightsSpec", "prepare": "SplitSpec",
            "train": "TrainingSpec", "predict": "PredictSpec", "ensemble": "EnsembleSpec",
-           "shift-set": "ShiftSetSpec", "shift": "EnsembleSpec"}
+           "shift-set": "ShiftSetSpec", "predict-shift": "PredictSpec", "shift": "EnsembleSpec"}
 
 
 # The shapes of the JSON file maps the rules pass, checked like specs.
@@ -117,15 +117,11 @@ def cmd_shift_set(a) -> None:
 
 def cmd_predict_shift(a) -> None:
     from .gpu_claim import claim_gpu_for_job
-    from .stages.predict import ShiftPredictions, predict_shift
-    from .typed import from_json
+    from .stages.predict import predict_shift
 
-    experiments = from_json(dict[str, ShiftPredictions], a.experiments, "--experiments")
-    if not experiments:
-        raise UserError("--experiments: names no experiment")
-    first = next(iter(experiments.values()))
-    claim_gpu_for_job(first.spec.device, None, jobs_per_gpu=8)  # one slot, as predict
-    predict_shift(experiments, a.set, a.threads)
+    spec = _spec(SPEC_OF[a.command], a.spec)
+    claim_gpu_for_job(spec.device, None, jobs_per_gpu=8)  # one slot, as predict
+    predict_shift(a.models, a.set, a.out, spec, a.threads)
 
 
 def cmd_shift(a) -> None:
@@ -301,10 +297,11 @@ def _add_shift_parsers(sub) -> None:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_shift_set)
 
-    s = sub.add_parser("predict-shift", help="every experiment's members on one corrupted set")
+    s = sub.add_parser("predict-shift", help="one experiment's members on one corrupted set")
     s.add_argument("--set", required=True)
-    s.add_argument("--experiments", required=True,
-                   help="{name: {models: [model.pt per seed], out: .npy, spec: {device, batch_size}}}")
+    s.add_argument("--models", required=True, nargs="+", help="model.pt per seed, in seed order")
+    s.add_argument("--out", required=True)
+    s.add_argument("--spec", required=True, help="{device, batch_size} (JSON)")
     s.add_argument("--threads", required=True, type=int)
     s.set_defaults(func=cmd_predict_shift)
 

@@ -117,20 +117,6 @@ def models_of(experiment):
     return [f"{run_dir(experiment, s)}/model.pt" for s in seeds(experiment)]
 
 
-def all_models():
-    return [path for e in EXPERIMENTS for path in models_of(e)]
-
-
-def shift_predictions(corruption):
-    """What the predict-shift job of one corruption does, per experiment (JSON)."""
-    jobs = {}
-    for e in EXPERIMENTS:
-        runtime = SPEC.experiments[e].runtime
-        jobs[e] = {"models": models_of(e), "out": shift_probs(e)[corruption],
-                   "spec": {"device": runtime.device, "batch_size": runtime.predict_batch_size}}
-    return json.dumps(jobs)
-
-
 def shift_jsons():
     return {e: f"results/{e}/shift.json" for e in EXPERIMENTS} if CORRUPTIONS else {}
 

@@ -1,9 +1,8 @@
 # Stage 7: distribution shift. Corrupted copies of the test split (one job per corruption),
-# every experiment's members on each (one job per corruption: one torch start-up, whatever
-# the number of experiments), then per experiment the scores under shift and the diversity
-# of its members. Adding or removing a
-# corruption runs only its own jobs and the analyses and figures after them; nothing
-# retrains.
+# each experiment's members on each (one job per experiment and corruption: retraining one
+# experiment repredicts only its own), then per experiment the scores under shift and the
+# diversity of its members. Adding or removing a corruption runs only its own jobs and the
+# analyses and figures after them; nothing retrains.
 
 
 rule shift_set:
@@ -25,24 +24,22 @@ rule shift_set:
 
 rule predict_shift:
     input:
-        models=all_models(),
+        models=lambda wc: models_of(wc.experiment),
         set=shift_set_file("{corruption}"),
     output:
-        [f"results/{experiment}/shift/{{corruption}}.npy" for experiment in EXPERIMENTS],
+        "results/{experiment}/shift/{corruption}.npy",
     log:
-        "logs/shift/predict_{corruption}.log",
+        "logs/shift/{experiment}/predict_{corruption}.log",
     threads: 1
     resources:
         gpu=1,
-        gpu_slots=1,
-        # each experiment's members, output and runtime device and batch size: a resource, not
-        # a param, so that a runtime change repredicts nothing (the files are inputs and outputs)
-        predict_settings=lambda wc: shift_predictions(wc.corruption),
+        gpu_slots=1,  # one of a GPU's 8 slots, as predict
+        predict_settings=lambda wc: predict_settings(wc.experiment),
     conda:
         "../../envs/torch.yaml"
     shell:
-        "cifar-ensembles predict-shift --set {input.set} --experiments {resources.predict_settings:q} "
-        "--threads {threads} 2> {log}"
+        "cifar-ensembles predict-shift --set {input.set} --models {input.models} --out {output} "
+        "--spec {resources.predict_settings:q} --threads {threads} 2> {log}"
 
 
 rule shift_summary:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -59,16 +58,6 @@ def predict_to_files(model_path, data_path, split: str, probs_path, metrics_path
     return metrics
 
 
-@dataclass(frozen=True)
-class ShiftPredictions:
-    """One experiment's part of a predict-shift job: its members, where their probabilities go,
-    and how they run (its runtime's device and batch size)."""
-
-    models: list[str]
-    out: str
-    spec: PredictSpec
-
-
 def _members_on(models: list[str], x: np.ndarray, set_path, spec: PredictSpec) -> np.ndarray:
     """members x severities x N x C probabilities of the models on x (severities x N x H x W x C)."""
     device = resolve_device(spec.device)
@@ -88,14 +77,11 @@ def _members_on(models: list[str], x: np.ndarray, set_path, spec: PredictSpec) -
     return np.stack(members).astype(np.float32)
 
 
-def predict_shift(experiments: dict[str, ShiftPredictions], set_path, threads: int) -> dict[str, np.ndarray]:
-    """Every experiment's members on one corrupted set, in one process (one torch start-up per
-    corruption, not per experiment and corruption): one probability file per experiment."""
+def predict_shift(models: list[str], set_path, out, spec: PredictSpec, threads: int) -> np.ndarray:
+    """One experiment's members on one corrupted set -> members x 5 x N x C probabilities in `out`
+    (one job per experiment and corruption: retraining one experiment repredicts only its own)."""
     torch.set_num_threads(max(int(threads), 1))
     x = load_shift_set(set_path)["x"]
-    out = {}
-    with all_or_none(*(job.out for job in experiments.values())):
-        for name, job in experiments.items():
-            out[name] = _members_on(job.models, x, set_path, job.spec)
-            save_npy(job.out, out[name])
-    return out
+    probs = _members_on(models, x, set_path, spec)
+    save_npy(out, probs)
+    return probs

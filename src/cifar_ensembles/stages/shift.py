@@ -3,8 +3,8 @@
 - `make_shift_set`: one corruption at severities 1..5 of (a stratified subset of) the test
   split, generated with albumentations or read from a local CIFAR-10-C -> an .npz
   (x: 5 x N x H x W x C uint8, y, and `index`, the images' positions in the test split).
-- `stages.predict.predict_shift`: the members of every experiment on one corruption ->
-  probabilities (members x 5 x N x C, float32), one file per experiment.
+- `stages.predict.predict_shift`: one experiment's members on one corruption ->
+  probabilities (members x 5 x N x C, float32).
 - `shift_summary_to_file`: per (corruption, severity) accuracy, NLL, Brier and ECE of every
   single model and the chosen ensemble, before and after the validation-fitted temperature;
   corruption error against the baseline experiment; the ensemble's gain per severity with a
