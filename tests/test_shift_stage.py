@@ -76,6 +76,20 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(probs.argmax(-1) == labels))
 
 
+def summarize_shift(files: dict, sets: dict, data_path, spec, root: Path) -> stage.BaselineFiles:
+    """shift.json of "exp" (against the baseline "base") and of "base" (no baseline), into
+    files[name]["result"]; the baseline's files."""
+    baseline = stage.BaselineFiles(name="base", summary=str(files["base"]["summary"]),
+                                   test=[str(p) for p in files["base"]["test"]],
+                                   shift={c: str(p) for c, p in files["base"]["shift"].items()})
+    for name, base in (("exp", baseline), ("base", None)):
+        f = files[name]
+        f["shift.json"] = root / name / "shift.json"
+        f["result"] = stage.shift_summary_to_file(name, f["summary"], f["test"], f["shift"], sets, data_path,
+                                                  spec, base, f["shift.json"])
+    return baseline
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Everything the stage writes for "exp" (baseline "base") and "base" (no baseline)."""
@@ -108,14 +122,9 @@ def world(tmp_path_factory):
             shift[c] = root / name / "shift" / f"{c}.npy"
             predict_shift([str(m) for m in models], sets[c], shift[c], predict_spec(batch_size=16), threads=1)
         files[name] = {"models": models, "test": test, "summary": summary, "shift": shift}
-    baseline = stage.BaselineFiles(name="base", summary=str(files["base"]["summary"]),
-                                   test=[str(p) for p in files["base"]["test"]],
-                                   shift={c: str(p) for c, p in files["base"]["shift"].items()})
-    for name, base in (("exp", baseline), ("base", None)):
+    baseline = summarize_shift(files, sets, data_path, ENSEMBLE, root)
+    for name in ("exp", "base"):
         f = files[name]
-        f["shift.json"] = root / name / "shift.json"
-        f["result"] = stage.shift_summary_to_file(name, f["summary"], f["test"], f["shift"], sets, data_path,
-                                                  ENSEMBLE, base, f["shift.json"])
         f["diversity.json"] = root / name / "diversity.json"
         f["diversity"] = stage.diversity_to_file(EXPERIMENTS[name], f["test"], data_path, f["shift"], sets,
                                                  f["diversity.json"])
@@ -167,14 +176,7 @@ def synthetic(world, root: Path, method: str) -> dict:
             shift[c] = d / f"{c}.npy"
             np.save(shift[c], probs)
         files[name] = {"test": test, "summary": summary, "shift": shift}
-    baseline = stage.BaselineFiles(name="base", summary=str(files["base"]["summary"]),
-                                   test=[str(p) for p in files["base"]["test"]],
-                                   shift={c: str(p) for c, p in files["base"]["shift"].items()})
-    for name, base in (("exp", baseline), ("base", None)):
-        f = files[name]
-        f["shift.json"] = root / name / "shift.json"
-        f["result"] = stage.shift_summary_to_file(name, f["summary"], f["test"], f["shift"], world["sets"],
-                                                  world["data_path"], spec, base, f["shift.json"])
+    baseline = summarize_shift(files, world["sets"], world["data_path"], spec, root)
     return {"data_path": world["data_path"], "data": data, "sets": world["sets"], "files": files,
             "baseline": baseline, "method": method}
 
