@@ -79,8 +79,7 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
 def summarize_shift(files: dict, sets: dict, data_path, spec, root: Path) -> stage.BaselineFiles:
     """shift.json of "exp" (against the baseline "base") and of "base" (no baseline), into
     files[name]["result"]; the baseline's files."""
-    baseline = stage.BaselineFiles(name="base", summary=str(files["base"]["summary"]),
-                                   test=[str(p) for p in files["base"]["test"]],
+    baseline = stage.BaselineFiles(name="base", test=[str(p) for p in files["base"]["test"]],
                                    shift={c: str(p) for c, p in files["base"]["shift"].items()})
     for name, base in (("exp", baseline), ("base", None)):
         f = files[name]

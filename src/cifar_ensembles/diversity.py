@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-_TINY = 1e-12
+from .metrics import _TINY, accuracy, nll
 
 
 def disagreement_matrix(probs: np.ndarray) -> np.ndarray:
@@ -38,19 +38,22 @@ def oracle_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
 
 def nll_gain(probs: np.ndarray, labels: np.ndarray) -> dict:
     """Mean member NLL, the averaged ensemble's NLL, and their difference (>= 0)."""
-    true_class = probs[:, np.arange(probs.shape[1]), labels].astype(np.float64)  # (M, N)
-    member = float(-np.mean(np.log(np.clip(true_class, _TINY, None))))
-    ensemble = float(-np.mean(np.log(np.clip(true_class.mean(axis=0), _TINY, None))))
+    probs = probs.astype(np.float64)  # a gain of float32 rounding is no gain
+    member = float(np.mean([nll(p, labels) for p in probs]))
+    ensemble = nll(probs.mean(axis=0), labels)
     return {"mean_member_nll": member, "ensemble_nll": ensemble, "gain": member - ensemble}
 
 
-def summary(probs: np.ndarray, labels: np.ndarray) -> dict:
-    """Mean pairwise disagreement and KL (over i != j), oracle accuracy and the NLL gain."""
+def summary(probs: np.ndarray, labels: np.ndarray, disagreement: np.ndarray | None = None,
+            kl: np.ndarray | None = None) -> dict:
+    """Mean pairwise disagreement and KL (over i != j; the matrices when already computed),
+    oracle accuracy and the NLL gain."""
     m = probs.shape[0]
     off = ~np.eye(m, dtype=bool)
-    d, k = disagreement_matrix(probs), kl_matrix(probs)
+    d = disagreement_matrix(probs) if disagreement is None else disagreement
+    k = kl_matrix(probs) if kl is None else kl
     return {"disagreement": float(d[off].mean()) if m > 1 else 0.0,
             "kl": float(k[off].mean()) if m > 1 else 0.0,
             "oracle_accuracy": oracle_accuracy(probs, labels),
-            "mean_member_accuracy": float(np.mean(probs.argmax(-1) == labels[None, :])),
+            "mean_member_accuracy": accuracy(probs, labels),
             **nll_gain(probs, labels)}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .metrics import calibration, temperature_scale
+from .metrics import bootstrap_ci, calibration, temperature_scale
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
@@ -69,7 +69,4 @@ def paired_gain(
     N images in every set (the corruptions of one severity); `boot_indices` (resamples, N)
     resample images, the same for both, so the interval is of the paired difference."""
     per_image = (np.asarray(ensemble_correct, float) - np.asarray(single_correct, float).mean(0)).mean(0)
-    means = per_image[boot_indices].mean(axis=1)
-    tail = (1.0 - level) / 2.0
-    lo, hi = np.quantile(means, [tail, 1.0 - tail])
-    return {"gain": float(per_image.mean()), "ci": [float(lo), float(hi)]}
+    return {"gain": float(per_image.mean()), "ci": list(bootstrap_ci(per_image, boot_indices, level))}

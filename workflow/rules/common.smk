@@ -130,8 +130,8 @@ def baseline_files():
     base = SPEC.shift.baseline
     if base is None:
         return None
-    return {"name": base, "summary": f"results/{base}/ensemble.json",
-            "test": [f"{run_dir(base, s)}/probs_test.npy" for s in seeds(base)], "shift": shift_probs(base)}
+    return {"name": base, "test": [f"{run_dir(base, s)}/probs_test.npy" for s in seeds(base)],
+            "shift": shift_probs(base)}
 
 
 def shift_summary_inputs(wildcards):
@@ -141,7 +141,7 @@ def shift_summary_inputs(wildcards):
               "shift": list(shift_probs(e).values()), "sets": list(shift_sets().values())}
     base = baseline_files()
     if base is not None:
-        inputs["baseline"] = [base["summary"], *base["test"], *base["shift"].values()]
+        inputs["baseline"] = [*base["test"], *base["shift"].values()]
     return inputs
 
 

@@ -35,53 +35,50 @@ def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelRecord]:
     return model, record
 
 
-def predict_to_files(model_path, data_path, split: str, probs_path, metrics_path, spec: PredictSpec,
-                     threads: int) -> dict:
-    torch.set_num_threads(max(int(threads), 1))
+def _probabilities(model_path, model: torch.nn.Module, record: ModelRecord, images: np.ndarray,
+                   spec: PredictSpec) -> np.ndarray:
+    """The model's class probabilities (float32) on images (N x H x W x C uint8), normalized
+    as in training; non-finite ones (weights that are not finite) are an error."""
     device = resolve_device(spec.device)
-    model, record = load_model(model_path)
-    data = splits.load(data_path, (f"x_{split}", f"y_{split}", "classes"))
-    images, labels = data[f"x_{split}"], data[f"y_{split}"]
-    if images.shape[-1] != record.in_channels or len(data["classes"]) != record.num_classes:
-        raise UserError(f"{model_path}: model was trained on other data than {data_path}")
     logits = predict_logits(model.to(device), images, np.asarray(record.mean, np.float32),
                             np.asarray(record.std, np.float32), device, spec.batch_size, PREDICT_PRECISION)
     probs = softmax_np(logits)
     if not np.all(np.isfinite(probs)):
         raise UserError(f"{model_path}: the model predicts non-finite probabilities (its weights are not "
                         "finite); retrain it")
+    return probs
+
+
+def predict_to_files(model_path, data_path, split: str, probs_path, metrics_path, spec: PredictSpec,
+                     threads: int) -> dict:
+    torch.set_num_threads(max(int(threads), 1))
+    model, record = load_model(model_path)
+    data = splits.load(data_path, (f"x_{split}", f"y_{split}", "classes"))
+    images, labels = data[f"x_{split}"], data[f"y_{split}"]
+    if images.shape[-1] != record.in_channels or len(data["classes"]) != record.num_classes:
+        raise UserError(f"{model_path}: model was trained on other data than {data_path}")
+    probs = _probabilities(model_path, model, record, images, spec)
     metrics = {"split": split, "images": int(len(labels)), "accuracy": accuracy(probs, labels),
                "nll": nll(probs, labels)}
     with all_or_none(probs_path, metrics_path):
-        save_npy(probs_path, probs.astype(np.float32))
+        save_npy(probs_path, probs)
         write_json(metrics_path, metrics)
     return metrics
-
-
-def _members_on(models: list[str], x: np.ndarray, set_path, spec: PredictSpec) -> np.ndarray:
-    """members x severities x N x C probabilities of the models on x (severities x N x H x W x C)."""
-    device = resolve_device(spec.device)
-    members = []
-    for path in models:
-        model, record = load_model(path)
-        if x.shape[-1] != record.in_channels:
-            raise UserError(f"{path}: the model takes {record.in_channels} channels, {set_path} has "
-                            f"{x.shape[-1]}")
-        logits = predict_logits(model.to(device), x.reshape(-1, *x.shape[2:]),
-                                np.asarray(record.mean, np.float32), np.asarray(record.std, np.float32),
-                                device, spec.batch_size, PREDICT_PRECISION)
-        probs = softmax_np(logits).reshape(x.shape[0], x.shape[1], -1)
-        if not np.all(np.isfinite(probs)):
-            raise UserError(f"{path}: the model predicts non-finite probabilities; retrain it")
-        members.append(probs)
-    return np.stack(members).astype(np.float32)
 
 
 def predict_shift(models: list[str], set_path, out, spec: PredictSpec, threads: int) -> np.ndarray:
     """One experiment's members on one corrupted set -> members x 5 x N x C probabilities in `out`
     (one job per experiment and corruption: retraining one experiment repredicts only its own)."""
     torch.set_num_threads(max(int(threads), 1))
-    x = load_shift_set(set_path)["x"]
-    probs = _members_on(models, x, set_path, spec)
+    x = load_shift_set(set_path)["x"]  # severities x N x H x W x C
+    members = []
+    for path in models:
+        model, record = load_model(path)
+        if x.shape[-1] != record.in_channels:
+            raise UserError(f"{path}: the model takes {record.in_channels} channels, {set_path} has "
+                            f"{x.shape[-1]}")
+        probs = _probabilities(path, model, record, x.reshape(-1, *x.shape[2:]), spec)
+        members.append(probs.reshape(*x.shape[:2], -1))
+    probs = np.stack(members)
     save_npy(out, probs)
     return probs

@@ -26,7 +26,7 @@ import numpy as np
 from .. import diversity, splits
 from ..atomic import save_npz
 from ..corruptions import SEVERITIES, corrupt_all
-from ..ensemble import hard_vote
+from ..ensemble import hard_vote, soft_vote
 from ..errors import UserError
 from ..formats import (
     Calibration,
@@ -55,7 +55,6 @@ class BaselineFiles:
     """What the corruption error of an experiment reads of `shift.baseline`."""
 
     name: str
-    summary: str  # its ensemble.json
     test: list[str]  # its probs_test.npy per seed
     shift: dict[str, str]  # {corruption: its shift probabilities}
 
@@ -153,25 +152,39 @@ def make_shift_set(dataset: str, name: str, spec: ShiftSetSpec, data_path, out) 
     return x
 
 
-def load_shift_set(path) -> dict[str, np.ndarray]:
+def _npy_header(npz, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of one array of an .npz from its header alone; its data stays unread."""
+    with npz.zip.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    return shape, dtype
+
+
+def load_shift_set(path, images: bool = True) -> dict[str, np.ndarray]:
+    """A corrupted test set, checked: x, y and index. Without `images` (the analyses need
+    only the labels) x's header is checked and its data left unread."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            data = {k: npz[k] for k in ("x", "y", "index")}
+            data = {k: npz[k] for k in (("x", "y", "index") if images else ("y", "index"))}
+            shape, dtype = (data["x"].shape, data["x"].dtype) if images else _npy_header(npz, "x")
     except FileNotFoundError:
         raise DamagedFile(path, "missing") from None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise DamagedFile(path, f"not a corrupted test set ({error_line(err)})") from None
-    x, y, index = data["x"], data["y"], data["index"]
+    y, index = data["y"], data["index"]
     if not (
-        x.dtype == np.uint8
-        and x.ndim == 5
-        and x.shape[0] == len(SEVERITIES)
-        and x.shape[1] == len(y) == len(index)
+        dtype == np.uint8
+        and len(shape) == 5
+        and shape[0] == len(SEVERITIES)
+        and shape[1] == len(y) == len(index)
         and y.dtype.kind in "iu"
         and index.dtype.kind in "iu"
     ):
         raise DamagedFile(
-            path, f"damaged corrupted test set (x {x.dtype} {x.shape}, y {y.shape}, index {index.shape})"
+            path, f"damaged corrupted test set (x {dtype} {shape}, y {y.shape}, index {index.shape})"
         )
     return data
 
@@ -208,6 +221,13 @@ def _mean_scores(scores: list[Scores]) -> Scores:
     )
 
 
+def _vote(probs: np.ndarray, summary: EnsembleSummary) -> np.ndarray:
+    """The chosen ensemble's predictions (probs: members x N x C): its first k members, voted as
+    in ensemble.json, so that the clean accuracy here equals the ensemble's there."""
+    members = probs[: summary.chosen_k]
+    return hard_vote(members) if summary.method == "hard" else soft_vote(members)
+
+
 def set_scores(
     corruption: str,
     severity: int,
@@ -215,14 +235,15 @@ def set_scores(
     labels: np.ndarray,
     summary: EnsembleSummary,
     n_bins: int,
+    votes: np.ndarray,
 ) -> SetScores:
-    """Every single model and the chosen ensemble on one set (probs: members x N x C)."""
+    """Every single model and the chosen ensemble (whose predictions are `votes`) on one set
+    (probs: members x N x C)."""
     singles = [
         _scores(scored(p, labels, s.calibration.temperature, n_bins)) for p, s in zip(probs, summary.singles)
     ]
-    k = summary.chosen_k
-    votes = hard_vote(probs[:k]) if summary.method == "hard" else None
-    ensemble = _scores(scored(probs[:k].mean(0), labels, summary.calibration.temperature, n_bins, votes))
+    averaged = probs[: summary.chosen_k].mean(0)
+    ensemble = _scores(scored(averaged, labels, summary.calibration.temperature, n_bins, votes))
     return SetScores(
         corruption=corruption,
         severity=severity,
@@ -232,15 +253,6 @@ def set_scores(
     )
 
 
-def _correct(
-    probs: np.ndarray, labels: np.ndarray, summary: EnsembleSummary
-) -> tuple[np.ndarray, np.ndarray]:
-    """(members x N, N) 0/1: each single model right, the chosen ensemble right."""
-    k = summary.chosen_k
-    vote = hard_vote(probs[:k]) if summary.method == "hard" else probs[:k].mean(0).argmax(-1)
-    return probs.argmax(-1) == labels, vote == labels
-
-
 def _errors(sets: list[SetScores], corruptions: list[str], which: str) -> dict[str, np.ndarray]:
     return {
         c: np.array([1.0 - getattr(x, which).accuracy for x in sets if x.corruption == c])
@@ -248,16 +260,21 @@ def _errors(sets: list[SetScores], corruptions: list[str], which: str) -> dict[s
     }
 
 
+def _single_error(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The mean single model's error (probs: members x ... x N x C): all the corruption error
+    needs of the baseline."""
+    return 1.0 - np.mean(probs.argmax(-1) == labels, axis=(0, -1))
+
+
 def _corruption_errors(
     own: list[SetScores],
     clean: SetScores,
-    base: list[SetScores],
-    base_clean: SetScores,
+    base_err: dict[str, np.ndarray],
+    base_clean_err: float,
     corruptions: list[str],
     baseline: str,
 ) -> CorruptionErrors:
-    base_err = _errors(base, corruptions, "single_mean")
-    base_clean_err = 1.0 - base_clean.single_mean.accuracy
+    """`base_err`: {corruption: the baseline's mean single error per severity}."""
     out = {}
     for which in ("single_mean", "ensemble"):
         err, clean_err = _errors(own, corruptions, which), 1.0 - getattr(clean, which).accuracy
@@ -282,33 +299,34 @@ def _corruption_errors(
 def _all_sets(
     summary: EnsembleSummary,
     shift_probs: dict[str, np.ndarray],
+    votes: dict[str, np.ndarray],
     labels: np.ndarray,
     clean_probs: np.ndarray,
     n_bins: int,
 ) -> tuple[SetScores, list[SetScores]]:
-    clean = set_scores("none", 0, clean_probs, labels, summary, n_bins)
+    clean = set_scores("none", 0, clean_probs, labels, summary, n_bins, _vote(clean_probs, summary))
     sets = [
-        set_scores(c, s, probs[:, i], labels, summary, n_bins)
+        set_scores(c, s, probs[:, i], labels, summary, n_bins, votes[c][i])
         for c, probs in shift_probs.items()
         for i, s in enumerate(SEVERITIES)
     ]
     return clean, sets
 
 
-def _read_side(summary_path, test_paths, shift_paths: dict, set_labels, index, y_test):
-    """One experiment's ensemble summary, clean test probs on the sets' images, and shift probs."""
-    summary = EnsembleSummary.load(summary_path)
+def _read_shift(test_paths, shift_paths: dict, set_labels, index, y_test):
+    """An experiment's clean test probs on the sets' images, and its shift probs."""
     test = load_members(test_paths, len(y_test), "the test split")[:, index]
     shift = {c: load_shift_probs(p, len(test_paths), len(set_labels)) for c, p in shift_paths.items()}
-    return summary, test, shift
+    return test, shift
 
 
-def _gains(shift: dict, labels: np.ndarray, summary: EnsembleSummary, boot: np.ndarray) -> list[SeverityGain]:
+def _gains(shift: dict, votes: dict, labels: np.ndarray, boot: np.ndarray) -> list[SeverityGain]:
     """Per severity, over all corruptions: mean single and ensemble accuracy, the paired gain."""
     gains = []
     for i, s in enumerate(SEVERITIES):
-        singles, ensemble = zip(*(_correct(probs[:, i], labels, summary) for probs in shift.values()))
-        gain = paired_gain(np.stack(ensemble), np.stack(singles, axis=1), boot)
+        singles = np.stack([probs[:, i].argmax(-1) == labels for probs in shift.values()], axis=1)
+        ensemble = np.stack([v[i] == labels for v in votes.values()])
+        gain = paired_gain(ensemble, singles, boot)
         gains.append(SeverityGain(severity=s, single_accuracy=float(np.mean(singles)),
                                   ensemble_accuracy=float(np.mean(ensemble)), gain=gain["gain"],
                                   ci=tuple(gain["ci"])))
@@ -317,7 +335,7 @@ def _gains(shift: dict, labels: np.ndarray, summary: EnsembleSummary, boot: np.n
 
 def _shared_images(set_paths: dict, corruptions: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(labels, positions in the test split) that every set shares."""
-    sets = {c: load_shift_set(set_paths[c]) for c in corruptions}
+    sets = {c: load_shift_set(set_paths[c], images=False) for c in corruptions}
     first = sets[corruptions[0]]
     if any(not np.array_equal(d["index"], first["index"]) for d in sets.values()):
         raise UserError("shift: the corrupted sets hold different images; rebuild them "
@@ -335,27 +353,30 @@ def shift_summary_to_file(experiment: str, summary_path, test_paths, shift_paths
         raise UserError(f"shift: no corrupted set or baseline predictions for {missing[0]!r}")
     labels, index = _shared_images(set_paths, corruptions)
     y_test = splits.load(data_path, ("y_test", "classes"))["y_test"]
-    summary, clean_probs, shift = _read_side(summary_path, test_paths, shift_paths, labels, index, y_test)
-    clean, sets = _all_sets(summary, shift, labels, clean_probs, spec.ece_bins)
+    summary = EnsembleSummary.load(summary_path)
+    clean_probs, shift = _read_shift(test_paths, shift_paths, labels, index, y_test)
+    votes = {c: np.stack([_vote(by_severity, summary) for by_severity in probs.swapaxes(0, 1)])
+             for c, probs in shift.items()}  # {corruption: severities x N}, once for scores and gains
+    clean, sets = _all_sets(summary, shift, votes, labels, clean_probs, spec.ece_bins)
     boot = bootstrap_indices(len(labels), spec.bootstrap, spec.bootstrap_seed)
     errors = None
     if baseline is not None:
-        base_summary, base_clean_probs, base_shift = _read_side(
-            baseline.summary, baseline.test, {c: baseline.shift[c] for c in corruptions}, labels, index,
-            y_test)
-        base_clean, base_sets = _all_sets(base_summary, base_shift, labels, base_clean_probs, spec.ece_bins)
-        errors = _corruption_errors(sets, clean, base_sets, base_clean, corruptions, baseline.name)
+        base_shift_paths = {c: baseline.shift[c] for c in corruptions}
+        base_clean, base_shift = _read_shift(baseline.test, base_shift_paths, labels, index, y_test)
+        base_err = {c: _single_error(probs, labels) for c, probs in base_shift.items()}
+        errors = _corruption_errors(sets, clean, base_err, float(_single_error(base_clean, labels)),
+                                    corruptions, baseline.name)
     result = ShiftSummary(experiment=experiment, seeds=summary.seeds, members=summary.members,
                           method=summary.method, images=len(labels), corruptions=corruptions, clean=clean,
-                          sets=sets, by_severity=_gains(shift, labels, summary, boot),
+                          sets=sets, by_severity=_gains(shift, votes, labels, boot),
                           corruption_error=errors)
     result.save(out_json)
     return result
 
 
 # ------------------------------------------------------------------ diversity.json
-def _stats(probs: np.ndarray, labels: np.ndarray) -> DiversityStats:
-    return DiversityStats(**diversity.summary(probs, labels))
+def _stats(probs: np.ndarray, labels: np.ndarray, **matrices) -> DiversityStats:
+    return DiversityStats(**diversity.summary(probs, labels, **matrices))
 
 
 def diversity_to_file(
@@ -365,17 +386,18 @@ def diversity_to_file(
     test = load_members(test_paths, len(y_test), "the test split")
     by_severity = {}
     if shift_paths:
-        sets = {c: load_shift_set(set_paths[c]) for c in shift_paths}
-        shift = {c: load_shift_probs(p, len(test_paths), len(sets[c]["y"])) for c, p in shift_paths.items()}
+        set_labels = {c: load_shift_set(set_paths[c], images=False)["y"] for c in shift_paths}
+        shift = {c: load_shift_probs(p, len(test_paths), len(set_labels[c])) for c, p in shift_paths.items()}
+        labels = np.concatenate([set_labels[c] for c in shift])  # pooled over corruptions
         for i, s in enumerate(SEVERITIES):
-            probs = np.concatenate([shift[c][:, i] for c in shift], axis=1)  # pooled over corruptions
-            labels = np.concatenate([sets[c]["y"] for c in shift])
+            probs = np.concatenate([shift[c][:, i] for c in shift], axis=1)
             by_severity[str(s)] = _stats(probs, labels)
+    disagreement, kl = diversity.disagreement_matrix(test), diversity.kl_matrix(test)
     result = DiversitySummary(
         seeds=[int(s) for s in seeds],
-        disagreement=diversity.disagreement_matrix(test).tolist(),
-        kl=diversity.kl_matrix(test).tolist(),
-        test=_stats(test, y_test),
+        disagreement=disagreement.tolist(),
+        kl=kl.tolist(),
+        test=_stats(test, y_test, disagreement=disagreement, kl=kl),
         by_severity=by_severity,
     )
     result.save(out_json)
