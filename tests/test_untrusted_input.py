@@ -89,6 +89,14 @@ class ObjectArray:
         return np.ndarray, ((2,), "O")
 
 
+class ForgedPointers:
+    """Unpickles to `numpy.ndarray((1,), "O", buffer)`: an object array whose one element is a
+    pointer the pickle chose (reading it would crash, or worse)."""
+
+    def __reduce__(self):
+        return np.ndarray, ((1,), "O", b"AAAAAAAA")
+
+
 class HugeArray:
     """Unpickles to a 4 EiB uint8 array: numpy refuses to allocate it."""
 
@@ -336,7 +344,9 @@ NOT_PLAIN_DATA = {
     "object_array_of_poison": ("data_batch_1", lambda c, m: _batch(c, data=np.array([Poison(m), 1], object)),
                                "asks for an array of Python objects"),
     "object_array_without_dtype": ("data_batch_1", lambda c, m: _batch(c, data=ObjectArray()),
-                                   "'data' must be a uint8 N x 3072 array, got object (2,)"),
+                                   "asks for numpy.ndarray called directly"),
+    "object_array_of_forged_pointers": ("data_batch_1", lambda c, m: _batch(c, data=ForgedPointers()),
+                                        "asks for numpy.ndarray called directly"),
     "dtype_with_object_field": ("data_batch_1",
                                 lambda c, m: _batch(c, data=np.zeros(2, dtype=[("a", "u1"), ("b", "O")])),
                                 "asks for an array of Python objects"),
@@ -347,7 +357,7 @@ NOT_PLAIN_DATA = {
     "persistent_id": ("batches.meta", lambda c, m: persistent_pickle({"label_names": ["ref"]}),
                       "asks for a persistent id"),
     "huge_array": ("data_batch_1", lambda c, m: _batch(c, data=HugeArray()),
-                   "not a CIFAR batch: MemoryError"),
+                   "asks for numpy.ndarray called directly"),
     "data_list": ("data_batch_1", lambda c, m: _batch(c, data=c["cifar10"]["data_batch_1"]["data"].tolist()),
                   "'data' must be a uint8 N x 3072 array, got list"),
     "data_float": ("data_batch_3", lambda c, m: _batch(c, data=np.zeros((8, 3072), np.float32)),

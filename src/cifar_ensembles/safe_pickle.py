@@ -3,8 +3,9 @@
 The CIFAR archives hold Python pickles, and a pickle can call any importable function
 while it loads. A user's own archive (`data.source` with `data.md5`) is vouched for by no
 published checksum, so every batch is read with an unpickler that resolves exactly the
-globals the real archives need (numpy's array reconstruction, `numpy.ndarray`,
-`numpy.dtype` without object fields, and the `_codecs.encode` that Python 3's protocol 2
+globals the real archives need (numpy's array reconstruction of a `numpy.ndarray`, which
+the pickle names but may not call: called, it builds an array over any bytes, object
+pointers included; `numpy.dtype` without object fields, and the `_codecs.encode` that Python 3's protocol 2
 uses for bytes; numpy's `_frombuffer` for arrays pickled with protocol 5) and refuses any
 other with a one-line error naming the file. Dicts, lists, tuples, text, bytes and numbers
 come from pickle opcodes, which need no globals.
@@ -12,7 +13,6 @@ come from pickle opcodes, which need no globals.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 
@@ -37,6 +37,24 @@ def _dtype(*args):
     return dtype
 
 
+class _Ndarray:
+    """numpy.ndarray as the pickle sees it: `_reconstruct_array` accepts it, a call is refused
+    (`numpy.ndarray(shape, dtype, buffer)` builds an array over any bytes, object pointers too)."""
+
+    def __call__(self, *args, **kwargs):
+        raise Refused("numpy.ndarray called directly (an array over arbitrary bytes)")
+
+
+_NDARRAY = _Ndarray()
+
+
+def _reconstruct_array(subtype, shape, dtype):
+    """numpy's `_reconstruct(ndarray, shape, dtype)`, the empty array a BUILD then fills."""
+    if subtype is not _NDARRAY:
+        raise Refused("an array of another type than numpy.ndarray")
+    return _reconstruct(np.ndarray, shape, _dtype(dtype))
+
+
 def _encode(text, encoding="utf-8"):
     if encoding not in ("latin1", "latin-1"):
         raise Refused(f"_codecs.encode with {encoding!r}")
@@ -51,9 +69,9 @@ def _frombuffer(buffer, dtype, shape, order):
 
 
 ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct_array,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct_array,
+    ("numpy", "ndarray"): _NDARRAY,
     ("numpy", "dtype"): _dtype,
     ("_codecs", "encode"): _encode,
     ("numpy.core.numeric", "_frombuffer"): _frombuffer,
@@ -74,19 +92,20 @@ class PlainDataUnpickler(pickle.Unpickler):
         raise Refused("a persistent id")
 
 
-def load_plain_pickle(path: str | os.PathLike, what: str = "CIFAR batch"):
+def load_plain_pickle(path: str | os.PathLike):
     """The plain data pickled in `path` (latin1 for Python 2's str, as torchvision reads CIFAR)."""
     try:
-        with open(path, "rb") as f:
-            blob = f.read()
+        f = open(path, "rb")
     except FileNotFoundError:
         raise UserError(f"{path}: missing from the extracted archive") from None
     except OSError as err:
         raise UserError(f"{path}: cannot read: {err.strerror}") from None
-    try:
-        return PlainDataUnpickler(io.BytesIO(blob), encoding="latin1").load()
-    except Refused as err:
-        raise UserError(f"{path}: not a plain-data {what}: its pickle asks for {err}, which is refused "
-                        "(only arrays, text and numbers are read)") from None
-    except Exception as err:  # truncated or malformed: EOFError, ValueError, struct errors, ...
-        raise UserError(f"{path}: not a {what}: {err.__class__.__name__}: {str(err)[:200]}") from None
+    with f:
+        try:
+            return PlainDataUnpickler(f, encoding="latin1").load()
+        except Refused as err:
+            raise UserError(f"{path}: not a plain-data CIFAR batch: its pickle asks for {err}, which is "
+                            "refused (only arrays, text and numbers are read)") from None
+        except Exception as err:  # truncated, malformed or unreadable: EOFError, ValueError, OSError, ...
+            name = err.__class__.__name__
+            raise UserError(f"{path}: not a CIFAR batch: {name}: {str(err)[:200]}") from None
