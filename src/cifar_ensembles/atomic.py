@@ -26,23 +26,42 @@ def current_umask() -> int:
 
 
 @contextlib.contextmanager
+def _cannot_write(path: Path) -> Iterator[None]:
+    """An OSError inside (a full disk, a quota, no permission) as one line naming `path`."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(f"{path}: cannot write: {err.strerror or err}") from None
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
+    Errors of the block stay the caller's (reading an input is not writing `path`):
+    `atomic_write` is the block that only writes."""
     path = Path(path)
     tmp_path = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-        tmp_path = Path(tmp)
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs are shared like any file
-        os.close(fd)
+        with _cannot_write(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+            tmp_path = Path(tmp)
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs are shared like any file
+            os.close(fd)
         yield tmp_path
-        os.replace(tmp_path, path)
-    except OSError as err:
-        raise UserError(f"{path}: cannot write: {err.strerror or err}") from None
+        with _cannot_write(path):
+            os.replace(tmp_path, path)
     finally:
         if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """`atomic_path` around a block that only writes the temporary file: its OSError is one
+    line naming `path`."""
+    with atomic_path(path) as tmp, _cannot_write(Path(path)):
+        yield tmp
 
 
 @contextlib.contextmanager
@@ -60,7 +79,7 @@ def all_or_none(*paths: str | os.PathLike) -> Iterator[None]:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_write(path) as tmp:
         tmp.write_text(text)
 
 
@@ -69,13 +88,13 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_write(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
 
 
 def save_npz(path: str | os.PathLike, **arrays) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_write(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
@@ -83,7 +102,7 @@ def save_npz(path: str | os.PathLike, **arrays) -> None:
 def torch_save(path: str | os.PathLike, obj) -> None:
     import torch
 
-    with atomic_path(path) as tmp:
+    with atomic_write(path) as tmp:
         try:
             torch.save(obj, tmp)
         except RuntimeError as err:  # torch's zip writer reports a failed write this way

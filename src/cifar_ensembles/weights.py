@@ -39,7 +39,11 @@ def fetch_weights(out: str | os.PathLike, url: str | None = None, local_file: st
         if local_file:
             if not Path(local_file).is_file():
                 raise UserError(f"pretrained_weights.file: {local_file}: no such file")
-            shutil.copyfile(local_file, tmp)
+            try:
+                shutil.copyfile(local_file, tmp)
+            except OSError as err:
+                raise UserError(f"pretrained_weights.file: {local_file}: cannot copy it to {out}: "
+                                f"{err.strerror or err}") from None
         else:
             url = url or default_url()
             match = re.search(r"-([a-f0-9]{8,})\.", os.path.basename(url))

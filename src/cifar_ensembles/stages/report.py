@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from ..atomic import atomic_path, write_text  # noqa: E402
+from ..atomic import atomic_write, write_text  # noqa: E402
 from ..errors import UserError  # noqa: E402
 from ..formats import Comparisons, EnsembleSummary, read_benchmark_seconds, read_history  # noqa: E402
 from ..spec import PublishedSpec  # noqa: E402
@@ -41,7 +41,7 @@ def _style(ax, xlabel, ylabel):
 
 def save_figure(fig, paths) -> None:
     for path in paths:
-        with atomic_path(path) as tmp:
+        with atomic_write(path) as tmp:
             fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight", format=Path(path).suffix[1:])
     plt.close(fig)
 
