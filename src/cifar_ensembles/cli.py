@@ -88,11 +88,11 @@ def cmd_train(a) -> None:
 
 
 def cmd_predict(a) -> None:
-    from .gpu_claim import claim_gpu_for_job
+    from .gpu_claim import SLOTS, claim_gpu_for_job
     from .stages.predict import predict_to_files
 
     spec = _spec(SPEC_OF[a.command], a.spec)
-    claim_gpu_for_job(spec.device, None, jobs_per_gpu=8)  # one slot: predictions are short
+    claim_gpu_for_job(spec.device, None, jobs_per_gpu=SLOTS)  # one slot: predictions are short
     predict_to_files(a.model, a.data, a.split, a.probs, a.metrics, spec, a.threads)
 
 
@@ -116,11 +116,11 @@ def cmd_shift_set(a) -> None:
 
 
 def cmd_predict_shift(a) -> None:
-    from .gpu_claim import claim_gpu_for_job
+    from .gpu_claim import SLOTS, claim_gpu_for_job
     from .stages.predict import predict_shift
 
     spec = _spec(SPEC_OF[a.command], a.spec)
-    claim_gpu_for_job(spec.device, None, jobs_per_gpu=8)  # one slot, as predict
+    claim_gpu_for_job(spec.device, None, jobs_per_gpu=SLOTS)  # one slot, as predict
     predict_shift(a.models, a.set, a.out, spec, a.threads)
 
 
