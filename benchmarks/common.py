@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import queue
+import re
 import signal
 import statistics
 import subprocess
@@ -31,16 +32,16 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cifar_ensembles.device import to_channels_last  # noqa: E402
-from cifar_ensembles.spec import (  # noqa: E402
+from cifar_ensembles.compute.device import to_channels_last  # noqa: E402
+from cifar_ensembles.config import spec
+from cifar_ensembles.config.convert import from_data, to_data  # noqa: E402
+from cifar_ensembles.config.spec import (
     RuntimeSpec,
     SplitSpec,
     TrainingSpec,
     deep_merge,
     experiment_sections,
-    load_config,
 )
-from cifar_ensembles.typed import from_data, to_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_SOURCE = "/usr/share/datasets/fashion-mnist"
@@ -59,10 +60,27 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+ERROR_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Interrupt|Exit|Failure)\b")
+
+
+def first_line(err) -> str:
+    """An exception as one line: its class and the first line of its message."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    return f"{err.__class__.__name__}: {text}"[:300]
+
+
+def error_line(log_text: str) -> str:
+    """The first line of the last error a process's stderr shows (the exception line under
+    its traceback), else its last non-empty line."""
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    errors = [line for line in lines if ERROR_LINE.match(line)]
+    return (errors or lines or ["(no output)"])[-1][:300]
+
+
 # ----------------------------------------------------------------------------- specs
 @functools.cache
 def _config(presets: tuple[str, ...]) -> dict:
-    return load_config(*presets)
+    return spec.load_config(ROOT / "config.yaml", *presets)
 
 
 def config(*presets: str | os.PathLike) -> dict:
@@ -118,7 +136,7 @@ def load_fashion_mnist() -> tuple[dict, str]:
     """Real Fashion-MNIST: the workflow's prepared data.npz when present, else Debian's files
     through the package's own raw_data.fetch / load_raw and splits.split (config.yaml's
     split). Returns (data, where from)."""
-    from cifar_ensembles import raw_data, splits
+    from cifar_ensembles.files import raw_data, splits
 
     if PREPARED_FASHION.exists():
         return splits.load(PREPARED_FASHION), str(PREPARED_FASHION)
@@ -132,7 +150,7 @@ def synthetic_cifar(n_train: int, n_val: int = 512, size: int = 32, channels: in
                     seed: int = 0) -> dict:
     """Random uint8 CIFAR-shaped data (10 classes) through splits.split: the prepared
     layout, for machines without data."""
-    from cifar_ensembles import splits
+    from cifar_ensembles.files import splits
 
     rng = np.random.default_rng(seed)
     n_test = 64
@@ -219,9 +237,9 @@ def bare_loop(spec: TrainingSpec, runtime: RuntimeSpec, data: dict, steps: int, 
     and device: pre-normalized tensors on the device, random batches, cross entropy,
     torch's SGD (its default implementation), backward, step. No loader, no augmentation,
     no bookkeeping. The spec's optimizer must be SGD."""
-    from cifar_ensembles.augment import normalization, to_normalized_tensor
-    from cifar_ensembles.device import autocast, resolve_device
+    from cifar_ensembles.compute.device import autocast, resolve_device
     from cifar_ensembles.models import build_model
+    from cifar_ensembles.transforms.augment import normalization, to_normalized_tensor
 
     torch.set_num_threads(threads)
     device = resolve_device(runtime.device)
@@ -293,7 +311,7 @@ def worker(job: dict) -> None:
     {"run": TASK, "start_at": MONOTONIC, "seconds": S} trains that task from start_at for S
     seconds (Trainer.train_step over its own input pipeline) and answers with run_steps'
     result; {"quit": true} or the end of stdin ends the process."""
-    from cifar_ensembles import splits
+    from cifar_ensembles.files import splits
     from cifar_ensembles.training import Trainer
 
     data = splits.load(job["data"])
@@ -325,13 +343,19 @@ class WorkerPool:
     ones wait on stdin. `timeout` bounds the start-up (imports, building and warming up
     every trainer, torch.compile included): past it the pool is killed and TimeoutError
     raised, or, with `tolerant`, only the late or failed processes are, each one's problem
-    kept in `failed` (process index: message) and the others stay usable.
+    kept in `failed` (process index: message) and the others stay usable. Each process's
+    stderr goes to `log_dir`/`name`N.log when `log_dir` is given (kept), else to a
+    temporary folder removed on close.
     """
 
     def __init__(self, jobs: list[list[dict]], data_path: str, threads: int = 1, warmup: int = 2,
-                 timeout: float = 600, env: dict | None = None, tolerant: bool = False):
+                 timeout: float = 600, env: dict | None = None, tolerant: bool = False,
+                 log_dir: str | os.PathLike | None = None, name: str = "worker"):
         self.procs, self.lines, self.failed = [], [], {}
-        self._tmp = tempfile.TemporaryDirectory()
+        self._tmp = None if log_dir else tempfile.TemporaryDirectory()
+        self.log_dir = Path(log_dir) if log_dir else Path(self._tmp.name)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
         env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", **(env or {}),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), str(ROOT),
                                                            os.environ.get("PYTHONPATH")]))}
@@ -339,7 +363,7 @@ class WorkerPool:
             for seed, tasks in enumerate(jobs):
                 payload = json.dumps({"tasks": tasks, "data": data_path, "seed": seed,
                                       "threads": threads, "warmup": warmup})
-                err = open(Path(self._tmp.name) / f"worker{seed}.err", "w")  # noqa: SIM115
+                err = open(self.log_path(seed), "w")  # noqa: SIM115
                 proc = subprocess.Popen([sys.executable, "-m", "benchmarks.common", "worker", payload],
                                         cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=err, text=True, start_new_session=True)
@@ -362,6 +386,9 @@ class WorkerPool:
             self.close(kill=True)
             raise
 
+    def log_path(self, i: int) -> Path:
+        return self.log_dir / f"{self.name}{i}.log"
+
     @staticmethod
     def _read(proc, lines: queue.Queue) -> None:
         for line in proc.stdout:
@@ -376,8 +403,8 @@ class WorkerPool:
             raise TimeoutError(f"benchmark worker {i} gave no answer within {timeout:.0f} s") from None
         if message is None:
             code = self.procs[i].wait()
-            tail = (Path(self._tmp.name) / f"worker{i}.err").read_text().strip().splitlines()[-5:]
-            raise RuntimeError(f"benchmark worker {i} exited ({code}): " + " | ".join(tail))
+            text = self.log_path(i).read_text(errors="replace")
+            raise RuntimeError(f"benchmark worker {i} exited ({code}): {error_line(text)}")
         return message
 
     def run(self, assignment: dict[int, int], seconds: float) -> dict:
@@ -411,7 +438,8 @@ class WorkerPool:
                 p.wait(timeout=0.1 if kill else 30)
             except subprocess.TimeoutExpired:
                 self._kill(p)
-        self._tmp.cleanup()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
     def __enter__(self):
         return self
@@ -422,7 +450,7 @@ class WorkerPool:
 
 def write_data(path, data: dict) -> str:
     """`data` as a prepared data.npz (what pool processes read)."""
-    from cifar_ensembles import splits
+    from cifar_ensembles.files import splits
 
     splits.write(path, data)
     return str(path)
@@ -466,9 +494,13 @@ def fmt(value) -> str:
 
 
 def write_json(path, results: dict) -> None:
+    """`results` as JSON at `path`, replaced in one step (a run killed while writing leaves
+    the previous version, never half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter
+from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -68,11 +69,11 @@ def tiny_data(n: int = 64, seed: int = 0) -> dict:
 
 
 def trainer_for(recipe: str, runtime_overrides: dict | None = None, width: int | None = None):
-    from cifar_ensembles.spec import RuntimeSpec, TrainingSpec, deep_merge, load_config
+    from cifar_ensembles.config.convert import from_data
+    from cifar_ensembles.config.spec import RuntimeSpec, TrainingSpec, deep_merge, load_config
     from cifar_ensembles.training import Trainer
-    from cifar_ensembles.typed import from_data
 
-    config = load_config()
+    config = load_config(Path(__file__).resolve().parents[1] / "config.yaml")
     overrides = deep_merge(BASE, RECIPES[recipe])
     if width is not None:
         overrides = deep_merge(overrides, {"model": {"width": width}})

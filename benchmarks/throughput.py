@@ -23,7 +23,7 @@ per-job threads):
   (whole batches augmented on the training device, here the CPU);
 - ensemble analysis on 11 members x 10,000 images x 10 classes: the ensemble stage's whole
   computation (stages.ensemble.analyse with config.yaml's `ensemble:`), and one call of
-  every public function of cifar_ensembles.ensemble and cifar_ensembles.metrics;
+  every public function of cifar_ensembles.analysis.votes and cifar_ensembles.analysis.metrics;
 - `snakemake -n` for 4 experiments x 11 seeds over the demo preset (its two and two more);
 - two 1-thread training processes side by side against one 2-thread process (aggregate
   images/s) training the demo's ensemble_adam job, the default profile's `set-threads`
@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cifar_ensembles.spec import deep_merge
+from cifar_ensembles.config.spec import deep_merge
 
 from .common import (
     CIFAR_RESNET,
@@ -191,8 +191,8 @@ PIPELINES = {  # name: (augment, loader.num_workers)
 def pipeline_images_per_second(spec, runtime, data, n: int, threads: int) -> float:
     """Images/s of the trainer's own input path alone (training.inputs: its DataLoader, or
     the batched path on the CPU), batches delivered on the device and laid out."""
-    from cifar_ensembles.augment import normalization
     from cifar_ensembles.training.inputs import build_inputs
+    from cifar_ensembles.transforms.augment import normalization
 
     x, y = data["x_train"][:n], data["y_train"][:n]
     mean, std = normalization(spec.augment.normalize, data["mean"], data["std"], x.shape[-1])
@@ -230,13 +230,14 @@ def softmax(z):
 
 def ensemble_analysis(members=11, images=10_000, classes=10, seed=0) -> dict:
     """The ensemble stage's computation (stages.ensemble.analyse, config.yaml's `ensemble:`),
-    then one call of each public function of cifar_ensembles.ensemble and .metrics (whatever
+    then one call of each public function of cifar_ensembles.analysis.votes and .metrics (whatever
     exists at run time), with arguments chosen by parameter name (config.yaml's `ensemble:`
     values for its settings); unknown ones are skipped."""
-    from cifar_ensembles import ensemble, metrics
-    from cifar_ensembles.spec import EnsembleSpec
+    from cifar_ensembles.analysis import metrics
+    from cifar_ensembles.analysis import votes as ensemble
+    from cifar_ensembles.config.convert import from_data
+    from cifar_ensembles.config.spec import EnsembleSpec
     from cifar_ensembles.stages.ensemble import analyse
-    from cifar_ensembles.typed import from_data
 
     spec = from_data(EnsembleSpec, config()["ensemble"], "ensemble")
     rng = np.random.default_rng(seed)

@@ -40,6 +40,25 @@ class Member:
     data: bytes = b""
     kind: str = "file"  # file, dir, symlink, hardlink, chr, blk, fifo
     target: str = ""  # what a symlink or hard link points to
+    zeros: int = 0  # a file's data goes on with this many zero bytes (streamed: a size bomb)
+
+
+class _Zeros(io.RawIOBase):
+    """`data`, then `zeros` zero bytes, read in pieces (a gigabyte member costs no memory)."""
+
+    def __init__(self, data: bytes, zeros: int):
+        self.data, self.left = data, zeros
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if self.data:
+            head, self.data = (self.data, b"") if n < 0 else (self.data[:n], self.data[n:])
+            return head
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return bytes(n)
 
 
 TAR_TYPES = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
@@ -60,8 +79,8 @@ def write_tar(path: str | Path, members: Iterable[Member]) -> str:
             info.mode = 0o755 if member.kind == "dir" else 0o644
             if member.kind in ("chr", "blk"):
                 info.devmajor, info.devminor = 1, 3  # /dev/null's numbers
-            info.size = len(member.data) if member.kind == "file" else 0
-            tar.addfile(info, io.BytesIO(member.data) if member.kind == "file" else None)
+            info.size = len(member.data) + member.zeros if member.kind == "file" else 0
+            tar.addfile(info, _Zeros(member.data, member.zeros) if member.kind == "file" else None)
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 

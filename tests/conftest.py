@@ -18,21 +18,26 @@ import torch
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from cifar_ensembles import splits  # noqa: E402
-from cifar_ensembles.spec import (  # noqa: E402
+from cifar_ensembles.config import spec  # noqa: E402
+from cifar_ensembles.config.convert import from_data  # noqa: E402
+from cifar_ensembles.config.spec import (
     EnsembleSpec,
     PredictSpec,
     RuntimeSpec,
     TrainingSpec,
     deep_merge,
-    load_config,
 )
-from cifar_ensembles.typed import from_data  # noqa: E402
+from cifar_ensembles.files import splits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CONFIGS = ROOT / ".test"
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+
+
+def load_config(*paths) -> dict:
+    """The repository's config.yaml merged with `paths`, as Snakemake merges --configfile files."""
+    return spec.load_config(ROOT / "config.yaml", *paths)
 
 # The small network and run most trainer tests use (merged over config.yaml's training).
 TINY_TRAINING = {
@@ -124,7 +129,7 @@ def states_differ(a: dict, b: dict) -> bool:
 
 def load_state(path) -> dict:
     """The state_dict of a model.pt."""
-    from cifar_ensembles.formats import ModelRecord
+    from cifar_ensembles.files.training_run import ModelRecord
 
     return ModelRecord.load(path).state_dict
 
@@ -132,7 +137,7 @@ def load_state(path) -> dict:
 def result_cells(rows) -> list[list[str]]:
     """The result columns of history rows (all but seconds and images_per_second) as
     history.csv writes them (floats in repr form, "" for no value): equal lists, equal bits."""
-    from cifar_ensembles.formats import RESULT_FIELDS
+    from cifar_ensembles.files.training_run import RESULT_FIELDS
 
     return [["" if getattr(row, k) is None else repr(getattr(row, k)) for k in RESULT_FIELDS] for row in rows]
 

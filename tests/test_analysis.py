@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from conftest import assert_damaged, cli, ensemble_spec
 
-from cifar_ensembles.cli import main
-from cifar_ensembles.ensemble import (
+from cifar_ensembles.analysis.metrics import expected_calibration_error, mcnemar
+from cifar_ensembles.analysis.votes import (
     first_k_accuracy,
     greedy_selection,
     hard_vote,
@@ -24,24 +24,13 @@ from cifar_ensembles.ensemble import (
     subset_accuracies,
     subset_curve,
 )
+from cifar_ensembles.cli import main
+from cifar_ensembles.config.convert import from_data, to_data, to_json
 from cifar_ensembles.errors import UserError
-from cifar_ensembles.formats import (
-    SUMMARY_FORMAT,
-    Bootstrap,
-    Comparisons,
-    DamagedFile,
-    EnsembleSummary,
-    load_probabilities,
-)
-from cifar_ensembles.metrics import expected_calibration_error, mcnemar
-from cifar_ensembles.stages.ensemble import (
-    analyse,
-    compare_to_files,
-    ensemble_to_files,
-    load_members,
-    read_labels,
-)
-from cifar_ensembles.typed import from_data, to_data, to_json
+from cifar_ensembles.files.arrays import load_members, load_probabilities, read_labels
+from cifar_ensembles.files.ensemble_summary import SUMMARY_FORMAT, Bootstrap, Comparisons, EnsembleSummary
+from cifar_ensembles.files.records import DamagedFile
+from cifar_ensembles.stages.ensemble import analyse, compare_to_files, ensemble_to_files
 
 # ---------------------------------------------------------------- references (plain loops)
 
@@ -686,7 +675,7 @@ def test_compare_to_files_pairs_on_shared_seeds(tmp_path):
     result = compare_to_files(experiments, data, out_json)
     assert Comparisons.load(out_json) == result          # read back bit for bit
     written = json.loads(out_json.read_text())
-    assert written == json.loads(json.dumps(to_data(result)))
+    assert written == {"format": "cifar-ensembles/comparisons-1", **json.loads(json.dumps(to_data(result)))}
     assert "McNemar" in written["test"]
     assert len(result.pairs) == 1                        # c shares no seed with a or b
     pair = result.pairs[0]

@@ -7,9 +7,9 @@ import stat
 import numpy as np
 import pytest
 
-from cifar_ensembles.atomic import atomic_path, atomic_write, save_npy, write_text
 from cifar_ensembles.errors import UserError
-from cifar_ensembles.raw_data import fetch
+from cifar_ensembles.files.atomic import atomic_path, atomic_write, save_npy, write_text
+from cifar_ensembles.files.raw_data import fetch
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ import torch
 from conftest import training_spec
 
 import cifar_ensembles  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE; albumentations loads lazily)
-from cifar_ensembles.augment import (
+from cifar_ensembles.errors import UserError
+from cifar_ensembles.transforms.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     EpochBatches,
@@ -20,7 +21,6 @@ from cifar_ensembles.augment import (
     normalization,
     sample_seed,
 )
-from cifar_ensembles.errors import UserError
 
 SHAPES = {3: 32, 1: 28}  # channels -> image size (CIFAR-like and MNIST-like)
 MEAN = {3: (0.49, 0.48, 0.45), 1: (0.13,)}

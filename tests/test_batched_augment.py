@@ -16,9 +16,9 @@ from conftest import training_spec
 from scipy import stats
 
 import cifar_ensembles  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE)
-from cifar_ensembles.augment import EpochBatches, build_train_transform
-from cifar_ensembles.batched_augment import BatchedAugment, DeviceBatches, epoch_generator
 from cifar_ensembles.errors import UserError
+from cifar_ensembles.transforms.augment import EpochBatches, build_train_transform
+from cifar_ensembles.transforms.batched_augment import BatchedAugment, DeviceBatches, epoch_generator
 
 SIZE = 32
 ZERO, ONE = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]  # normalization that keeps x / 255

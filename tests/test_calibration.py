@@ -9,7 +9,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from cifar_ensembles.metrics import (
+from cifar_ensembles.analysis.metrics import (
     accuracy,
     bootstrap_ci,
     bootstrap_indices,

@@ -6,7 +6,7 @@ import tarfile
 import numpy as np
 from cifar_fixture import make_cifar100_archive
 
-from cifar_ensembles.raw_data import fetch, load_raw
+from cifar_ensembles.files.raw_data import fetch, load_raw
 
 
 def test_cifar100_archive_loads_fine_labels(tmp_path):

@@ -9,10 +9,10 @@ import pytest
 from cifar_fixture import CLASSES, make_cifar10_archive
 from conftest import cli
 
-from cifar_ensembles import splits
-from cifar_ensembles.raw_data import fetch
-from cifar_ensembles.spec import SourceSpec, SplitSpec, SubsetSpec
-from cifar_ensembles.typed import to_json
+from cifar_ensembles.config.convert import to_json
+from cifar_ensembles.config.spec import SourceSpec, SplitSpec, SubsetSpec
+from cifar_ensembles.files import splits
+from cifar_ensembles.files.raw_data import fetch
 
 ARCHIVE = "cifar-10-python.tar.gz"
 ERROR_PREFIX = "cifar-ensembles download: error:"

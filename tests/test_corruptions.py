@@ -15,13 +15,20 @@ import random
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, load_config
 
-from cifar_ensembles import corruptions
-from cifar_ensembles.corruptions import NEEDS_RGB, SEVERITIES, TRANSFORMS, corrupt, corrupt_all, set_seed
+from cifar_ensembles.config.convert import from_data
+from cifar_ensembles.config.spec import ShiftSpec
 from cifar_ensembles.errors import UserError
-from cifar_ensembles.spec import ShiftSpec, load_config
-from cifar_ensembles.typed import from_data
+from cifar_ensembles.transforms import corruptions
+from cifar_ensembles.transforms.corruptions import (
+    NEEDS_RGB,
+    SEVERITIES,
+    TRANSFORMS,
+    corrupt,
+    corrupt_all,
+    set_seed,
+)
 
 SHIFT = from_data(ShiftSpec, load_config()["shift"], "shift")
 RGB, GRAY = (32, 32, 3), (28, 28, 1)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from cifar_fixture import CLASSES, make_cifar10_archive
 
+from cifar_ensembles.config.spec import SourceSpec
 from cifar_ensembles.errors import UserError
-from cifar_ensembles.raw_data import FASHION_FILES, fetch, load_raw
-from cifar_ensembles.spec import SourceSpec
+from cifar_ensembles.files.raw_data import FASHION_FILES, fetch, load_raw
 from cifar_ensembles.stages.download import download_dataset
 
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -402,7 +402,7 @@ def test_real_fashion_mnist_from_debian_folder(real_fashion):
 def test_fake_fashion_folder_round_trip(tmp_path):
     expected = make_fake_fashion(tmp_path / "src")
     out = tmp_path / "raw" / "fashion_mnist"
-    result = fetch("fashion_mnist", out, source=str(tmp_path / "src"))
+    result = fetch("fashion_mnist", out, source=str(tmp_path / "src"), own_dataset=True)
     assert Path(result) == out
     assert dot_entries(out.parent) == []
     a = load_raw("fashion_mnist", out)
@@ -416,6 +416,34 @@ def test_fake_fashion_folder_round_trip(tmp_path):
     assert list(a["classes"]) == FASHION_CLASSES
 
 
+def test_fake_fashion_folder_is_not_the_published_dataset(tmp_path):
+    """Without data.own_dataset a folder must hold the published bytes: one line, nothing kept."""
+    make_fake_fashion(tmp_path / "src")
+    out = tmp_path / "raw" / "fashion_mnist"
+    with pytest.raises(UserError) as err:
+        fetch("fashion_mnist", out, source=str(tmp_path / "src"))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("data.source: "), message
+    assert "train-images-idx3-ubyte is not the published Fashion-MNIST (SHA-256" in message
+    assert "set data.own_dataset: true" in message
+    assert_nothing_left(out)
+
+
+@pytest.mark.parametrize("route", ["function", "download stage"])
+def test_own_dataset_needs_a_source_and_for_cifar_an_md5(tiny_cifar, out, route):
+    def run(dataset, **spec):
+        if route == "function":
+            return fetch(dataset, out, own_dataset=True, **spec)
+        return download_dataset(dataset, SourceSpec(url=None, own_dataset=True, **spec), out)
+
+    with pytest.raises(UserError, match="^data.own_dataset: applies to the files in data.source"):
+        run("fashion_mnist", source=None, md5=None)
+    with pytest.raises(UserError, match="^data.own_dataset: a CIFAR archive of your own .* set data.md5$"):
+        run("cifar10", source=str(tiny_cifar[0]), md5=None)
+    assert_nothing_left(out)
+    assert run("cifar10", source=str(tiny_cifar[0]), md5=tiny_cifar[1]) == out
+
+
 @pytest.mark.parametrize("name", FASHION_FILES)
 def test_fashion_folder_missing_file(tmp_path, name):
     src = tmp_path / "src"
@@ -423,7 +451,7 @@ def test_fashion_folder_missing_file(tmp_path, name):
     (src / name).unlink()
     out = tmp_path / "raw" / "fashion_mnist"
     with pytest.raises(UserError, match="missing") as err:
-        fetch("fashion_mnist", out, source=str(src))
+        fetch("fashion_mnist", out, source=str(src), own_dataset=True)
     assert name in str(err.value)
     assert_nothing_left(out)
 
@@ -453,7 +481,7 @@ def test_fashion_folder_corrupt_gz(tmp_path, how):
     _corrupt_gz(src / name, how)
     out = tmp_path / "raw" / "fashion_mnist"
     with pytest.raises(UserError) as err:
-        fetch("fashion_mnist", out, source=str(src))
+        fetch("fashion_mnist", out, source=str(src), own_dataset=True)
     assert name in str(err.value)
     assert_nothing_left(out)
 
@@ -471,7 +499,7 @@ def test_fashion_labels_out_of_range(tmp_path):
     write_idx_gz(src / "t10k-labels-idx1-ubyte.gz", np.full(12, 12))
     out = tmp_path / "raw" / "fashion_mnist"
     with pytest.raises(UserError, match="labels outside"):
-        fetch("fashion_mnist", out, source=str(src))
+        fetch("fashion_mnist", out, source=str(src), own_dataset=True)
     assert not out.exists()
 
 
@@ -481,7 +509,7 @@ def test_fashion_count_mismatch(tmp_path):
     write_idx_gz(src / "train-labels-idx1-ubyte.gz", np.arange(23) % 10)  # 24 images, 23 labels
     out = tmp_path / "raw" / "fashion_mnist"
     with pytest.raises(UserError, match="train split"):
-        fetch("fashion_mnist", out, source=str(src))
+        fetch("fashion_mnist", out, source=str(src), own_dataset=True)
     assert not out.exists()
 
 
@@ -504,5 +532,5 @@ def test_fashion_malformed_idx(tmp_path, case):
         write_idx_gz(images, expected["x_train"], magic=0x0A03)
     out = tmp_path / "raw" / "fashion_mnist"
     with pytest.raises(UserError, match="not valid Fashion-MNIST"):
-        fetch("fashion_mnist", out, source=str(src))
+        fetch("fashion_mnist", out, source=str(src), own_dataset=True)
     assert not out.exists()

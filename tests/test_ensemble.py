@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cifar_ensembles.ensemble import choose_size, first_k_accuracy, hard_vote, soft_vote, vote_counts
+from cifar_ensembles.analysis.votes import choose_size, first_k_accuracy, hard_vote, soft_vote, vote_counts
 
 
 def dyadic_probs(m, n, c, seed, units=8):

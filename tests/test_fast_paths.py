@@ -28,12 +28,12 @@ from conftest import (
     tiny_spec,
 )
 
-from cifar_ensembles.device import uses_channels_last
+from cifar_ensembles.compute.device import uses_channels_last
+from cifar_ensembles.compute.inference import predict_logits
+from cifar_ensembles.config.spec import RuntimeSpec
 from cifar_ensembles.errors import UserError
-from cifar_ensembles.formats import Checkpoint, ModelRecord, read_history
-from cifar_ensembles.inference import predict_logits
+from cifar_ensembles.files.training_run import Checkpoint, ModelRecord, read_history
 from cifar_ensembles.models import build_model
-from cifar_ensembles.spec import RuntimeSpec
 from cifar_ensembles.stages.train import train_to_files
 from cifar_ensembles.training import Preempted, Trainer
 from cifar_ensembles.training import components as training_components

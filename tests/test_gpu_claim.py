@@ -22,9 +22,10 @@ from collections import Counter
 
 import pytest
 
-from cifar_ensembles import gpu_claim, splits
+from cifar_ensembles.compute import gpu_claim
+from cifar_ensembles.config.convert import to_json
 from cifar_ensembles.errors import UserError
-from cifar_ensembles.typed import to_json
+from cifar_ensembles.files import splits
 
 # conftest (which imports torch) is imported inside the CLI tests only: the spawned children
 # import this module, and keep starting in a fraction of a second without it.

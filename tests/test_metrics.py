@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from cifar_ensembles.metrics import accuracy, brier, expected_calibration_error, nll
+from cifar_ensembles.analysis.metrics import accuracy, brier, expected_calibration_error, nll
 
 
 def random_case(n=40, c=5, seed=0):

@@ -10,12 +10,14 @@ import pytest
 import torch
 from conftest import cli, make_data, predict_spec, quiet, tiny_runtime, tiny_spec
 
-from cifar_ensembles import splits
+from cifar_ensembles.config.convert import to_json
 from cifar_ensembles.errors import UserError
-from cifar_ensembles.formats import DamagedFile, load_probabilities, read_history
+from cifar_ensembles.files import splits
+from cifar_ensembles.files.arrays import load_probabilities
+from cifar_ensembles.files.records import DamagedFile
+from cifar_ensembles.files.training_run import read_history
 from cifar_ensembles.stages.predict import load_model, predict_to_files
 from cifar_ensembles.stages.train import train_to_files
-from cifar_ensembles.typed import to_json
 
 # One epoch, EMA on (so model.pt holds the EMA weights), cross-entropy, no augmentation.
 SPEC = tiny_spec(epochs=1, loss={"name": "cross_entropy"}, augment={"name": "none"},

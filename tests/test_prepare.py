@@ -8,11 +8,11 @@ import zipfile
 import numpy as np
 import pytest
 
-from cifar_ensembles import splits
+from cifar_ensembles.config.spec import SourceSpec, SplitSpec, SubsetSpec
 from cifar_ensembles.errors import UserError
-from cifar_ensembles.formats import DamagedFile
-from cifar_ensembles.raw_data import load_raw
-from cifar_ensembles.spec import SourceSpec, SplitSpec, SubsetSpec
+from cifar_ensembles.files import splits
+from cifar_ensembles.files.raw_data import load_raw
+from cifar_ensembles.files.records import DamagedFile
 from cifar_ensembles.stages.download import download_dataset
 from cifar_ensembles.stages.prepare import prepare_to_file
 

@@ -16,22 +16,22 @@ import pytest
 from conftest import assert_damaged, cli, ensemble_spec
 
 from cifar_ensembles.cli import main
+from cifar_ensembles.config.convert import from_data
+from cifar_ensembles.config.spec import PublishedSpec
 from cifar_ensembles.errors import UserError
-from cifar_ensembles.formats import (
+from cifar_ensembles.files.ensemble_summary import Comparisons, EnsembleSummary
+from cifar_ensembles.files.records import DamagedFile
+from cifar_ensembles.files.training_run import (
     HISTORY_FIELDS,
-    Comparisons,
-    DamagedFile,
-    EnsembleSummary,
     HistoryRow,
     history_csv,
     read_benchmark_seconds,
     read_history,
     write_history,
 )
-from cifar_ensembles.spec import PublishedSpec
-from cifar_ensembles.stages import report
 from cifar_ensembles.stages.ensemble import compare_to_files, ensemble_to_files
-from cifar_ensembles.typed import from_data
+from cifar_ensembles.stages.report import figures as report
+from cifar_ensembles.stages.report import plotting, shift_figures, summary
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "ema_val_loss",
                    "ema_val_acc", "seconds", "images_per_second"]
@@ -111,13 +111,14 @@ def case(tmp_path_factory):
 def figures(monkeypatch):
     """The matplotlib figures the report saves, kept for inspection."""
     saved = []
-    original = report.save_figure
+    original = plotting.save_figure
 
     def keep(fig, paths):
         saved.append(fig)
         original(fig, paths)
 
-    monkeypatch.setattr(report, "save_figure", keep)
+    for module in (report, shift_figures):  # each imported it by name
+        monkeypatch.setattr(module, "save_figure", keep)
     return saved
 
 
@@ -407,7 +408,7 @@ def test_summary_markdown_and_csv(case):
 def test_summary_without_comparisons_or_published(case, tmp_path):
     # write_summary itself takes no comparisons (a workflow without pairs) and no published numbers
     out_md, out_csv = tmp_path / "s" / "summary.md", tmp_path / "s" / "summary.csv"
-    report.write_summary(case["ensembles"], case["runs"], None, None, out_md, out_csv)
+    summary.write_summary(case["ensembles"], case["runs"], None, None, out_md, out_csv)
     text = out_md.read_text()
     assert "Paired comparisons" not in text
     assert all(name in text for name in EXPERIMENTS)
@@ -431,7 +432,7 @@ def test_summary_cli_with_published_null(case, tmp_path):
 
 def test_summary_with_empty_comparisons(case, tmp_path):
     empty = tmp_path / "comparisons.json"
-    empty.write_text(json.dumps({"test": "exact McNemar", "pairs": []}))
+    empty.write_text(json.dumps({"format": "cifar-ensembles/comparisons-1", "test": "exact McNemar", "pairs": []}))
     out_md, out_csv = tmp_path / "summary.md", tmp_path / "summary.csv"
     assert run_summary(case, out_md, out_csv, comparisons=empty) == 0
     assert "Paired comparisons" not in out_md.read_text()
@@ -792,7 +793,7 @@ DAMAGED_COMPARISONS = {
     "NaN written as NaN": (_set(["pairs", 0, "per_seed", 1, "p_value"], math.nan),
                            "NaN is not a finite number"),
     "no pairs": (_delete(["pairs"]), "pairs: missing"),
-    "a list": (lambda text: "[]", "expected a mapping, got list"),
+    "a list": (lambda text: "[]", "format 'list'"),
     "truncated": (lambda text: text[: len(text) // 3], "not a readable comparison file"),
 }
 

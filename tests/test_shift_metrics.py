@@ -8,9 +8,9 @@ import itertools
 import numpy as np
 import pytest
 
-from cifar_ensembles import diversity
-from cifar_ensembles.metrics import bootstrap_indices, calibration, temperature_scale
-from cifar_ensembles.shift_metrics import (
+from cifar_ensembles.analysis import diversity
+from cifar_ensembles.analysis.metrics import bootstrap_indices, calibration, temperature_scale
+from cifar_ensembles.analysis.shift_metrics import (
     corruption_error,
     mean_defined,
     paired_gain,

@@ -24,6 +24,7 @@ from conftest import (
     assert_damaged,
     cli,
     ensemble_spec,
+    load_config,
     make_data,
     predict_spec,
     quiet,
@@ -31,21 +32,24 @@ from conftest import (
     tiny_spec,
 )
 
-from cifar_ensembles import diversity, splits
+from cifar_ensembles.analysis import diversity
+from cifar_ensembles.analysis.metrics import nll, temperature_scale
+from cifar_ensembles.analysis.votes import hard_vote
 from cifar_ensembles.cli import main
-from cifar_ensembles.corruptions import SEVERITIES, corrupt, set_seed
-from cifar_ensembles.ensemble import hard_vote
+from cifar_ensembles.config.convert import from_data, to_data, to_json
+from cifar_ensembles.config.spec import ShiftSetSpec, ShiftSpec
 from cifar_ensembles.errors import UserError
-from cifar_ensembles.formats import DiversitySummary, EnsembleSummary, ModelRecord, ShiftSummary
-from cifar_ensembles.metrics import nll, temperature_scale
+from cifar_ensembles.files import splits
+from cifar_ensembles.files.ensemble_summary import EnsembleSummary
+from cifar_ensembles.files.shift_summary import DiversitySummary, ShiftSummary
+from cifar_ensembles.files.training_run import ModelRecord
 from cifar_ensembles.models import build_model
-from cifar_ensembles.spec import ShiftSetSpec, ShiftSpec, load_config
 from cifar_ensembles.stages import shift as stage
-from cifar_ensembles.stages import shift_figures
 from cifar_ensembles.stages.ensemble import ensemble_to_files
 from cifar_ensembles.stages.predict import predict_shift, predict_to_files
+from cifar_ensembles.stages.report import summary
 from cifar_ensembles.stages.train import train_to_files
-from cifar_ensembles.typed import from_data, to_data, to_json
+from cifar_ensembles.transforms.corruptions import SEVERITIES, corrupt, set_seed
 
 SHIFT = from_data(ShiftSpec, load_config()["shift"], "shift")
 CORRUPTIONS = ("gaussian_noise", "contrast", "motion_blur")
@@ -412,7 +416,7 @@ def test_predict_shift_gives_member_severity_image_class_probabilities(world):
             assert np.all(probs >= 0)
             np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     # member 0 of "exp" on the contrast set equals predict on those images
-    from cifar_ensembles.inference import predict_logits, softmax_np
+    from cifar_ensembles.compute.inference import predict_logits, softmax_np
     from cifar_ensembles.stages.predict import PREDICT_PRECISION, load_model
 
     model, record = load_model(world["files"]["exp"]["models"][0])
@@ -620,7 +624,7 @@ def test_report_diversity_without_shift(world, tmp_path):
 
 def test_summary_sections(world):
     shift = {name: world["files"][name]["shift.json"] for name in EXPERIMENTS}
-    lines = shift_figures.shift_lines(shift)
+    lines = summary.shift_lines(shift)
     assert "## Distribution shift (corrupted test images)" in lines
     rows = {line.split(" | ")[0]: line for line in lines if line.startswith("| exp |") or
             line.startswith("| base |")}
@@ -630,10 +634,10 @@ def test_summary_sections(world):
     ce = exp.corruption_error
     assert rows["| exp"].endswith(f"| {ce.mce_single:.3f} / {ce.mce_ensemble:.3f} |")
     assert rows["| base"].endswith("| - |")  # no baseline: no mCE
-    lines = shift_figures.diversity_lines({n: world["files"][n]["diversity.json"] for n in EXPERIMENTS})
+    lines = summary.diversity_lines({n: world["files"][n]["diversity.json"] for n in EXPERIMENTS})
     t = world["files"]["exp"]["diversity"].test
     assert any(line.startswith(f"| exp | {100 * t.disagreement:.2f}% | {t.kl:.3f} |") for line in lines)
-    assert shift_figures.shift_lines({}) == [] and shift_figures.diversity_lines({}) == []
+    assert summary.shift_lines({}) == [] and summary.diversity_lines({}) == []
 
 
 # ------------------------------------------------------------------ damaged files: one line each

@@ -11,20 +11,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, SCHEMA, TEST_CONFIGS, tiny_spec, training_spec
+from conftest import ROOT, SCHEMA, TEST_CONFIGS, load_config, tiny_spec, training_spec
 
-from cifar_ensembles.configcheck import validate_config
-from cifar_ensembles.errors import UserError
-from cifar_ensembles.spec import (
+from cifar_ensembles.config.check import validate_config
+from cifar_ensembles.config.convert import from_data, from_json, to_data, to_json
+from cifar_ensembles.config.spec import (
     EXPERIMENT_OWN_KEYS,
     RuntimeSpec,
     TrainingSpec,
     deep_merge,
-    load_config,
     resolve,
     result_spec,
 )
-from cifar_ensembles.typed import from_data, from_json, to_data, to_json
+from cifar_ensembles.errors import UserError
 
 CONFIG_FILES = {
     "config.yaml": [],
@@ -46,7 +45,7 @@ def test_every_shipped_config_resolves_to_what_its_files_say(name):
     merged: dict = {}
     for f in files:
         merged = deep_merge(merged, f)
-    spec = validate_config(load_config(*CONFIG_FILES[name]), SCHEMA)
+    spec = validate_config(load_config(*CONFIG_FILES[name]))
     assert set(spec.experiments) == set(merged["experiments"])
     for experiment, resolved in spec.experiments.items():
         own = merged["experiments"][experiment]
@@ -93,9 +92,9 @@ def test_missing_unknown_and_mistyped_fields_are_named():
     with pytest.raises(UserError, match=r"^t\.optimizer\.lr: missing$"):
         from_data(TrainingSpec, deep_merge(good, {"optimizer": {}}) | {
             "optimizer": {k: v for k, v in good["optimizer"].items() if k != "lr"}}, "t")
-    with pytest.raises(UserError, match=r"^t\.loss\.gama: unknown key \(allowed: name, "):
+    with pytest.raises(UserError, match=r"^t\.loss\.gama: unknown key; did you mean 'gamma_pos'\? \(allowed: "):
         from_data(TrainingSpec, deep_merge(good, {"loss": {"gama": 1}}), "t")
-    with pytest.raises(UserError, match=r"^t\.epochs: expected an integer, got \"3\"$"):
+    with pytest.raises(UserError, match=r"^t\.epochs: expected an integer, got \"3\" \(a number in quotes is text"):
         from_data(TrainingSpec, deep_merge(good, {"epochs": "3"}), "t")
     with pytest.raises(UserError, match=r"^t\.ema\.enabled: expected true or false, got 1$"):
         from_data(TrainingSpec, deep_merge(good, {"ema": {"enabled": 1}}), "t")

@@ -33,14 +33,15 @@ from conftest import (
     tiny_spec,
 )
 
-from cifar_ensembles import splits
+from cifar_ensembles.config.convert import to_data, to_json
 from cifar_ensembles.errors import UserError
-from cifar_ensembles.formats import (
+from cifar_ensembles.files import splits
+from cifar_ensembles.files.records import DamagedFile
+from cifar_ensembles.files.training_run import (
     CHECKPOINT_FORMAT,
     MODEL_FORMAT,
     RESULT_FIELDS,
     Checkpoint,
-    DamagedFile,
     Divergence,
     ModelRecord,
     read_history,
@@ -48,7 +49,6 @@ from cifar_ensembles.formats import (
 from cifar_ensembles.stages import train as train_stage
 from cifar_ensembles.stages.train import train_to_files
 from cifar_ensembles.training import Diverged, Preempted, Trainer
-from cifar_ensembles.typed import to_data, to_json
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
                    "ema_val_loss", "ema_val_acc", "seconds", "images_per_second"]

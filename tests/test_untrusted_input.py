@@ -43,15 +43,16 @@ import torch
 from cifar_fixture import Member, cifar10_members, cifar100_members, pickled_members, write_tar
 from conftest import ENV, cli, ensemble_spec, make_data, predict_spec, tiny_runtime, tiny_spec
 
-from cifar_ensembles import splits
 from cifar_ensembles.cli import main
+from cifar_ensembles.config.convert import to_json
+from cifar_ensembles.config.spec import SourceSpec, SplitSpec, SubsetSpec, WeightsSpec
 from cifar_ensembles.errors import UserError
-from cifar_ensembles.formats import MODEL_FORMAT, Checkpoint, ModelRecord
+from cifar_ensembles.files import splits
+from cifar_ensembles.files.limits import DATASETS
+from cifar_ensembles.files.raw_data import fetch, load_raw
+from cifar_ensembles.files.safe_archive import extract_tar
+from cifar_ensembles.files.training_run import MODEL_FORMAT, Checkpoint, ModelRecord
 from cifar_ensembles.models import ResNet18Cifar
-from cifar_ensembles.raw_data import fetch, load_raw
-from cifar_ensembles.safe_archive import extract_tar
-from cifar_ensembles.spec import SourceSpec, SplitSpec, SubsetSpec, WeightsSpec
-from cifar_ensembles.typed import to_json
 
 CIFAR = {  # dataset -> archive name, folder inside it
     "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
@@ -303,7 +304,7 @@ def poisoned_raw(tmp_path: Path, contents: dict, dataset: str, member: str, cont
     returns (raw folder, the member's path)."""
     archive, _ = write_cifar(tmp_path / "archive", dataset, contents, {member: content})
     raw = tmp_path / "raw"
-    extract_tar(archive, raw, "test")
+    extract_tar(archive, raw, "test", DATASETS[dataset])
     return raw, raw / CIFAR[dataset][1] / member
 
 

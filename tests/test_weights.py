@@ -12,11 +12,11 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
+from cifar_ensembles.config.spec import WeightsSpec
 from cifar_ensembles.errors import UserError
+from cifar_ensembles.files.weights import default_url, fetch_weights
 from cifar_ensembles.models import ResNet18Cifar
-from cifar_ensembles.spec import WeightsSpec
 from cifar_ensembles.stages.download import download_weights
-from cifar_ensembles.weights import default_url, fetch_weights
 
 
 @pytest.fixture(scope="module")

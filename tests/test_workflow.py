@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ENV, ROOT, TEST_CONFIGS
+from conftest import ENV, ROOT, TEST_CONFIGS, load_config
 
-from cifar_ensembles.formats import DiversitySummary, EnsembleSummary, ModelRecord, ShiftSummary, read_history
-from cifar_ensembles.spec import load_config
+from cifar_ensembles.files.ensemble_summary import EnsembleSummary
+from cifar_ensembles.files.shift_summary import DiversitySummary, ShiftSummary
+from cifar_ensembles.files.training_run import ModelRecord, read_history
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 TINY = TEST_CONFIGS / "cifar10-tiny.yaml"

@@ -14,14 +14,22 @@ import argparse
 import functools
 import sys
 
+from .config.convert import from_json
+from .config.spec import (
+    EnsembleSpec,
+    PredictSpec,
+    PublishedSpec,
+    RuntimeSpec,
+    ShiftSetSpec,
+    SourceSpec,
+    SplitSpec,
+    TrainingSpec,
+    WeightsSpec,
+)
 from .errors import Preempted, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75
-SPEC_OF = {"download": "SourceSpec", "download-weights": "WeightsSpec", "prepare": "SplitSpec",
-           "train": "TrainingSpec", "predict": "PredictSpec", "ensemble": "EnsembleSpec",
-           "shift-set": "ShiftSetSpec", "predict-shift": "PredictSpec", "shift": "EnsembleSpec"}
-
 
 # The shapes of the JSON file maps the rules pass, checked like specs.
 FILES_BY_EXPERIMENT = dict[str, str]  # {experiment: ensemble.json}
@@ -32,40 +40,35 @@ PROBS_BY_SEED = dict[str, dict[str, str]]  # {experiment: {seed: probs_test.npy}
 
 def _files(tp, text: str, option: str):
     """A JSON map of files (`option`'s value), checked against its shape in one line."""
-    from .typed import from_json
-
     value = from_json(tp, text, option)
     if not value:
         raise UserError(f"{option}: names no experiment")
     return value
 
 
-def _spec(tp_name: str, text: str, option: str = "--spec"):
+def _spec(tp, text: str, option: str = "--spec"):
     """A stage's spec from its JSON argument, checked field by field (one-line errors)."""
-    from . import spec as specs
-    from .typed import from_json
-
-    return from_json(getattr(specs, tp_name), text, option)
+    return from_json(tp, text, option)
 
 
 def cmd_download(a) -> None:
     from .stages.download import download_dataset
 
-    out = download_dataset(a.dataset, _spec(SPEC_OF[a.command], a.spec), a.out)
+    out = download_dataset(a.dataset, _spec(SourceSpec, a.spec), a.out)
     print(f"{a.dataset}: verified files in {out}", file=sys.stderr)
 
 
 def cmd_download_weights(a) -> None:
     from .stages.download import download_weights
 
-    out = download_weights(_spec(SPEC_OF[a.command], a.spec), a.out)
+    out = download_weights(_spec(WeightsSpec, a.spec), a.out)
     print(f"ImageNet weights verified -> {out}", file=sys.stderr)
 
 
 def cmd_prepare(a) -> None:
     from .stages.prepare import prepare_to_file
 
-    prepared = prepare_to_file(a.dataset, _spec(SPEC_OF[a.command], a.spec), a.raw, a.out)
+    prepared = prepare_to_file(a.dataset, _spec(SplitSpec, a.spec), a.raw, a.out)
     print(f"{a.dataset}: {len(prepared['y_train'])} train, {len(prepared['y_val'])} val, "
           f"{len(prepared['y_test'])} test images -> {a.out}", file=sys.stderr)
 
@@ -75,11 +78,11 @@ def _log_with_prefix(name: str, msg: str) -> None:
 
 
 def cmd_train(a) -> None:
-    from . import splits
-    from .gpu_claim import claim_gpu_for_job
+    from .compute.gpu_claim import claim_gpu_for_job
+    from .files import splits
     from .stages.train import train_to_files
 
-    spec, runtime = _spec("TrainingSpec", a.spec), _spec("RuntimeSpec", a.runtime, "--runtime")
+    spec, runtime = _spec(TrainingSpec, a.spec), _spec(RuntimeSpec, a.runtime, "--runtime")
     log = functools.partial(_log_with_prefix, a.name) if a.name else None
     # Several GPUs and no scheduler: take a free one (lock held until exit) before CUDA starts.
     claim_gpu_for_job(runtime.device, log, runtime.jobs_per_gpu)
@@ -88,10 +91,10 @@ def cmd_train(a) -> None:
 
 
 def cmd_predict(a) -> None:
-    from .gpu_claim import SLOTS, claim_gpu_for_job
+    from .compute.gpu_claim import SLOTS, claim_gpu_for_job
     from .stages.predict import predict_to_files
 
-    spec = _spec(SPEC_OF[a.command], a.spec)
+    spec = _spec(PredictSpec, a.spec)
     claim_gpu_for_job(spec.device, None, jobs_per_gpu=SLOTS)  # one slot: predictions are short
     predict_to_files(a.model, a.data, a.split, a.probs, a.metrics, spec, a.threads)
 
@@ -99,7 +102,7 @@ def cmd_predict(a) -> None:
 def cmd_ensemble(a) -> None:
     from .stages.ensemble import ensemble_to_files
 
-    ensemble_to_files(a.data, a.seeds, a.val, a.test, _spec(SPEC_OF[a.command], a.spec), a.csv, a.json)
+    ensemble_to_files(a.data, a.seeds, a.val, a.test, _spec(EnsembleSpec, a.spec), a.csv, a.json)
 
 
 def cmd_compare(a) -> None:
@@ -111,32 +114,30 @@ def cmd_compare(a) -> None:
 def cmd_shift_set(a) -> None:
     from .stages.shift import make_shift_set
 
-    x = make_shift_set(a.dataset, a.corruption, _spec(SPEC_OF[a.command], a.spec), a.data, a.out)
+    x = make_shift_set(a.dataset, a.corruption, _spec(ShiftSetSpec, a.spec), a.data, a.out)
     print(f"{a.corruption}: severities 1-5 of {x.shape[1]} test images -> {a.out}", file=sys.stderr)
 
 
 def cmd_predict_shift(a) -> None:
-    from .gpu_claim import SLOTS, claim_gpu_for_job
+    from .compute.gpu_claim import SLOTS, claim_gpu_for_job
     from .stages.predict import predict_shift
 
-    spec = _spec(SPEC_OF[a.command], a.spec)
+    spec = _spec(PredictSpec, a.spec)
     claim_gpu_for_job(spec.device, None, jobs_per_gpu=SLOTS)  # one slot, as predict
     predict_shift(a.models, a.set, a.out, spec, a.threads)
 
 
 def cmd_shift(a) -> None:
     from .stages.shift import BaselineFiles, shift_summary_to_file
-    from .typed import from_json
 
     baseline = from_json(BaselineFiles | None, a.baseline, "--baseline")
     shift_summary_to_file(a.experiment, a.summary, a.test, _files(FILES_BY_CORRUPTION, a.shift, "--shift"),
                           _files(FILES_BY_CORRUPTION, a.sets, "--sets"), a.data,
-                          _spec(SPEC_OF[a.command], a.spec), baseline, a.out)
+                          _spec(EnsembleSpec, a.spec), baseline, a.out)
 
 
 def cmd_diversity(a) -> None:
     from .stages.shift import diversity_to_file
-    from .typed import from_json
 
     diversity_to_file(a.seeds, a.test, a.data, from_json(FILES_BY_CORRUPTION, a.shift, "--shift"),
                       from_json(FILES_BY_CORRUPTION, a.sets, "--sets"), a.out)
@@ -144,77 +145,103 @@ def cmd_diversity(a) -> None:
 
 def _published(text: str, one_experiment: bool):
     """report.published (JSON): all experiments' entries, or one experiment's (or null)."""
-    from .spec import PublishedSpec
-    from .typed import from_json
 
     return from_json(PublishedSpec | None if one_experiment else dict[str, PublishedSpec] | None,
                      text, "--published")
 
 
-def cmd_report(a) -> None:
-    from .stages import report, shift_figures
-    from .typed import from_json
+def cmd_curves(a) -> None:
+    from .stages.report import figures
 
-    if a.what == "curves":
-        report.plot_training_curves(a.histories, a.experiment, a.out, a.dpi)
-    elif a.what == "ensemble":
-        report.plot_ensemble_curve(a.summary, a.experiment, a.out, _published(a.published, True), a.dpi)
-    elif a.what == "reliability":
-        report.plot_reliability(a.summary, a.data, a.test, a.experiment, a.out, a.ece_bins, a.dpi)
-    elif a.what == "accuracy":
-        report.plot_accuracy_bars(_files(FILES_BY_EXPERIMENT, a.experiments, "--experiments"), a.out, a.dpi)
-    elif a.what == "cost":
-        report.plot_cost(_files(RUN_FILES, a.runs, "--runs"), a.out, a.dpi)
-    elif a.what == "shift":
-        shift_figures.plot_shift(_files(FILES_BY_EXPERIMENT, a.summaries, "--summaries"), a.out, a.dpi)
-    elif a.what == "diversity":
-        shift_figures.plot_diversity(a.diversity, a.summary, a.experiment, a.out, a.dpi)
-    else:
-        experiments = _files(FILES_BY_EXPERIMENT, a.experiments, "--experiments")
-        runs = _files(RUN_FILES, a.runs, "--runs")
-        if set(runs) != set(experiments):
-            raise UserError("--runs: must name the same experiments as --experiments")
-        shift = from_json(FILES_BY_EXPERIMENT, a.shift, "--shift")
-        diversity = from_json(FILES_BY_EXPERIMENT, a.diversity, "--diversity")
-        report.write_summary(experiments, runs, a.comparisons, _published(a.published, False), *a.out,
-                             shift=shift, diversity=diversity)
+    figures.plot_training_curves(a.histories, a.experiment, a.out, a.dpi)
+
+
+def cmd_ensemble_curve(a) -> None:
+    from .stages.report import figures
+
+    figures.plot_ensemble_curve(a.summary, a.experiment, a.out, _published(a.published, True), a.dpi)
+
+
+def cmd_reliability(a) -> None:
+    from .stages.report import figures
+
+    figures.plot_reliability(a.summary, a.data, a.test, a.experiment, a.out, a.ece_bins, a.dpi)
+
+
+def cmd_accuracy(a) -> None:
+    from .stages.report import figures
+
+    figures.plot_accuracy_bars(_files(FILES_BY_EXPERIMENT, a.experiments, "--experiments"), a.out, a.dpi)
+
+
+def cmd_cost(a) -> None:
+    from .stages.report import figures
+
+    figures.plot_cost(_files(RUN_FILES, a.runs, "--runs"), a.out, a.dpi)
+
+
+def cmd_shift_figure(a) -> None:
+    from .stages.report import shift_figures
+
+    shift_figures.plot_shift(_files(FILES_BY_EXPERIMENT, a.summaries, "--summaries"), a.out, a.dpi)
+
+
+def cmd_diversity_figure(a) -> None:
+    from .stages.report import shift_figures
+
+    shift_figures.plot_diversity(a.diversity, a.summary, a.experiment, a.out, a.dpi)
+
+
+def cmd_summary(a) -> None:
+    from .stages.report import summary
+
+    experiments = _files(FILES_BY_EXPERIMENT, a.experiments, "--experiments")
+    runs = _files(RUN_FILES, a.runs, "--runs")
+    if set(runs) != set(experiments):
+        raise UserError("--runs: must name the same experiments as --experiments")
+    shift = from_json(FILES_BY_EXPERIMENT, a.shift, "--shift")
+    diversity = from_json(FILES_BY_EXPERIMENT, a.diversity, "--diversity")
+    summary.write_summary(experiments, runs, a.comparisons, _published(a.published, False), *a.out,
+                          shift=shift, diversity=diversity)
 
 
 def _add_report_parsers(sub) -> None:
     p = sub.add_parser("report", help="figures and summary tables, from files only")
     what = p.add_subparsers(dest="what", required=True)
 
-    def figure(name, help_text):
+    def figure(name, help_text, func):
         s = what.add_parser(name, help=help_text)
+        s.set_defaults(func=func)
         s.add_argument("--dpi", type=int, required=True)
         s.add_argument("--out", nargs=2, required=True, metavar=("PNG", "SVG"))
         return s
 
-    s = figure("curves", "training curves of one experiment")
+    s = figure("curves", "training curves of one experiment", cmd_curves)
     s.add_argument("--experiment", required=True)
     s.add_argument("--histories", nargs="+", required=True, help="history.csv per seed")
-    s = figure("ensemble", "accuracy vs ensemble size")
+    s = figure("ensemble", "accuracy vs ensemble size", cmd_ensemble_curve)
     s.add_argument("--experiment", required=True)
     s.add_argument("--summary", required=True, help="ensemble.json")
     s.add_argument("--published", required=True, help="report.published of this experiment (JSON or null)")
-    s = figure("reliability", "reliability diagrams")
+    s = figure("reliability", "reliability diagrams", cmd_reliability)
     s.add_argument("--experiment", required=True)
     s.add_argument("--summary", required=True, help="ensemble.json")
     s.add_argument("--data", required=True, help="data.npz (for the test labels)")
     s.add_argument("--test", nargs="+", required=True, help="probs_test.npy per seed, in seed order")
     s.add_argument("--ece-bins", type=int, required=True)
-    s = figure("accuracy", "single vs ensemble accuracy per experiment")
+    s = figure("accuracy", "single vs ensemble accuracy per experiment", cmd_accuracy)
     s.add_argument("--experiments", required=True, help="{name: ensemble.json}")
-    s = figure("cost", "cost per model")
+    s = figure("cost", "cost per model", cmd_cost)
     s.add_argument("--runs", required=True,
                    help="{name: {seed: {benchmark: tsv, history: csv}}}")
-    s = figure("shift", "accuracy and ECE against severity, every experiment")
+    s = figure("shift", "accuracy and ECE against severity, every experiment", cmd_shift_figure)
     s.add_argument("--summaries", required=True, help="{name: shift.json}")
-    s = figure("diversity", "disagreement between members, gain against ensemble size")
+    s = figure("diversity", "disagreement between members, gain against ensemble size", cmd_diversity_figure)
     s.add_argument("--experiment", required=True)
     s.add_argument("--diversity", required=True, help="diversity.json")
     s.add_argument("--summary", required=True, help="ensemble.json")
     s = what.add_parser("summary", help="summary.md and summary.csv")
+    s.set_defaults(func=cmd_summary)
     s.add_argument("--experiments", required=True, help="{name: ensemble.json}")
     s.add_argument("--runs", required=True)
     s.add_argument("--comparisons", required=True, help="comparisons.json")
@@ -222,7 +249,6 @@ def _add_report_parsers(sub) -> None:
     s.add_argument("--diversity", required=True, help="{name: diversity.json}")
     s.add_argument("--published", required=True, help="report.published (JSON)")
     s.add_argument("--out", nargs=2, required=True, metavar=("MD", "CSV"))
-    p.set_defaults(func=cmd_report)
 
 
 def _add_data_parsers(sub) -> None:
@@ -314,7 +340,7 @@ def _add_shift_parsers(sub) -> None:
     s.add_argument("--data", required=True)
     s.add_argument("--spec", required=True, help="the ensemble spec (JSON)")
     s.add_argument("--baseline", required=True,
-                   help="{name, summary, test, shift} of shift.baseline, or null")
+                   help="{name, test, shift} of shift.baseline, or null")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_shift)
 

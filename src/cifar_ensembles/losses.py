@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config.spec import LossSpec
 from .errors import UserError
-from .spec import LossSpec
 
 LOSS_NAMES = ("cross_entropy", "asl")
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config.spec import ModelSpec
 from .errors import UserError
-from .spec import ModelSpec
 
 MODEL_NAMES = ("resnet18_cifar", "resnet18")
 
@@ -93,7 +93,7 @@ def load_pretrained(model: nn.Module, weights_file: str | os.PathLike) -> None:
     A grayscale input keeps the pretrained first layer by summing it over colour channels.
     """
     net = model.net if isinstance(model, Resized) else model
-    from .formats import error_line, load_weights_only
+    from .files.records import error_line, load_weights_only
 
     try:
         state = load_weights_only(weights_file)

@@ -13,8 +13,8 @@ import contextlib
 import torch
 from torch import nn
 
+from .config.spec import OptimizerSpec
 from .errors import UserError
-from .spec import OptimizerSpec
 
 OPTIMIZER_NAMES = ("sgd", "adam", "sam", "asam")
 BASE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}

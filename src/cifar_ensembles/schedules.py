@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch.optim import lr_scheduler
 
+from .config.spec import SchedulerSpec
 from .errors import UserError
-from .spec import SchedulerSpec
 
 SCHEDULER_NAMES = ("cosine", "step", "constant")
 

@@ -7,19 +7,20 @@ import sys
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 try:
-    from cifar_ensembles.configcheck import validate_config
+    from cifar_ensembles.config.check import validate_config
 except ImportError:  # snakemake from an environment without the package: use the checkout's
     sys.path.insert(0, os.path.join(workflow.basedir, "src"))
-    from cifar_ensembles.configcheck import validate_config
+    from cifar_ensembles.config.check import validate_config
 from cifar_ensembles.errors import UserError
-from cifar_ensembles.spec import PredictSpec, result_spec
-from cifar_ensembles.typed import to_json
+from cifar_ensembles.config.spec import PredictSpec, result_spec
+from cifar_ensembles.config.convert import to_json
 
-# The schema, then what it cannot express, before any job runs; then the config resolved once
-# into typed specs. A problem ends the run with one line naming the field (sys.exit's message
-# is all Snakemake prints, no traceback).
+# The config resolved once into typed specs, checked against their annotations (the schema in
+# workflow/schemas is generated from the same), then what they cannot express, before any job
+# runs. A problem ends the run with one line naming the field (sys.exit's message is all
+# Snakemake prints, no traceback).
 try:
-    SPEC = validate_config(config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"))
+    SPEC = validate_config(config)
 except UserError as err:
     sys.exit(f"config error: {err}")
 

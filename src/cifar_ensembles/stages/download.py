@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..raw_data import fetch
-from ..spec import SourceSpec, WeightsSpec
-from ..weights import fetch_weights
+from ..config.spec import SourceSpec, WeightsSpec
+from ..files.raw_data import fetch
+from ..files.weights import fetch_weights
 
 
 def download_dataset(dataset: str, spec: SourceSpec, out: str | os.PathLike) -> Path:
-    return fetch(dataset, out, source=spec.source, url=spec.url, md5=spec.md5)
+    return fetch(dataset, out, source=spec.source, url=spec.url, md5=spec.md5, own_dataset=spec.own_dataset)
 
 
 def download_weights(spec: WeightsSpec, out: str | os.PathLike) -> Path:

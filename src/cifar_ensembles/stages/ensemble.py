@@ -13,11 +13,28 @@ import itertools
 
 import numpy as np
 
-from .. import splits
-from ..atomic import all_or_none, write_text
-from ..ensemble import choose_size, first_k_accuracy, greedy_selection, hard_vote, soft_vote, subset_curve
+from ..analysis.metrics import (
+    bootstrap_ci,
+    bootstrap_indices,
+    calibration,
+    fit_temperature,
+    mcnemar,
+    temperature_scale,
+)
+from ..analysis.votes import (
+    choose_size,
+    first_k_accuracy,
+    greedy_selection,
+    hard_vote,
+    soft_vote,
+    subset_curve,
+)
+from ..config.spec import EnsembleSpec
 from ..errors import UserError
-from ..formats import (
+from ..files import splits
+from ..files.arrays import load_members, read_labels
+from ..files.atomic import all_or_none, write_text
+from ..files.ensemble_summary import (
     Bootstrap,
     Calibrated,
     Calibration,
@@ -32,38 +49,7 @@ from ..formats import (
     Spread,
     SubsetCurves,
     VoteCurves,
-    load_probabilities,
 )
-from ..metrics import (
-    bootstrap_ci,
-    bootstrap_indices,
-    calibration,
-    fit_temperature,
-    mcnemar,
-    temperature_scale,
-)
-from ..spec import EnsembleSpec
-
-
-def read_labels(path) -> tuple[np.ndarray, np.ndarray]:
-    """Only the validation and test labels of data.npz (np.load reads arrays lazily, per key);
-    the class names come along, so that the labels are checked against them."""
-    data = splits.load(path, ("y_val", "y_test", "classes"))
-    return data["y_val"], data["y_test"]
-
-
-def load_members(paths, n_images: int, where: str) -> np.ndarray:
-    """Stack per-member probability files into (members, N, C), checking every shape."""
-    arrays = []
-    for path in paths:
-        a = load_probabilities(path)
-        if a.shape[0] != n_images:
-            raise UserError(f"{path}: expected {n_images} x classes probabilities for {where}, "
-                            f"got shape {a.shape}")
-        if arrays and a.shape != arrays[0].shape:
-            raise UserError(f"{path}: shape {a.shape} differs from {paths[0]} ({arrays[0].shape})")
-        arrays.append(a)
-    return np.stack(arrays)
 
 
 def _calibrated(val_probs, val_labels, test_probs, test_labels, n_bins) -> Calibrated:

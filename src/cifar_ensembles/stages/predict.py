@@ -7,16 +7,17 @@ import os
 import numpy as np
 import torch
 
-from .. import splits
-from ..atomic import all_or_none, save_npy, write_json
-from ..device import resolve_device
+from ..analysis.metrics import accuracy, nll
+from ..compute.device import resolve_device
+from ..compute.inference import predict_logits, softmax_np
+from ..config.spec import PredictSpec
 from ..errors import UserError
-from ..formats import DamagedFile, ModelRecord
-from ..inference import predict_logits, softmax_np
-from ..metrics import accuracy, nll
+from ..files import splits
+from ..files.arrays import load_shift_set
+from ..files.atomic import all_or_none, save_npy, write_json
+from ..files.records import DamagedFile
+from ..files.training_run import ModelRecord
 from ..models import build_model
-from ..spec import PredictSpec
-from .shift import load_shift_set
 
 # Predictions are computed in float32 whatever precision training used: the probabilities
 # are then the network's, not bf16's rounding of them, and cost one pass per split.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from .. import splits
-from ..raw_data import load_raw
-from ..spec import SplitSpec
+from ..config.spec import SplitSpec
+from ..files import splits
+from ..files.raw_data import load_raw
 
 
 def prepare_to_file(dataset: str, spec: SplitSpec, raw: str | os.PathLike, out: str | os.PathLike) -> dict:

@@ -15,42 +15,46 @@
 
 from __future__ import annotations
 
-import io
 import tarfile
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .. import diversity, splits
-from ..atomic import save_npz
-from ..corruptions import SEVERITIES, corrupt_all
-from ..ensemble import hard_vote, soft_vote
+from ..analysis import diversity
+from ..analysis.metrics import bootstrap_indices
+from ..analysis.shift_metrics import (
+    corruption_error,
+    mean_defined,
+    paired_gain,
+    relative_corruption_error,
+    scored,
+)
+from ..analysis.votes import hard_vote, soft_vote
+from ..config.convert import spec
+from ..config.spec import EnsembleSpec, ShiftSetSpec
 from ..errors import UserError
-from ..formats import (
-    Calibration,
+from ..files import limits, splits
+from ..files.arrays import load_members, load_shift_probs, load_shift_set
+from ..files.atomic import save_npz
+from ..files.ensemble_summary import Calibration, EnsembleSummary
+from ..files.limits import Limits
+from ..files.records import error_line
+from ..files.safe_archive import TooLarge, bounded_members, open_tar
+from ..files.shift_summary import (
     CorruptionErrors,
-    DamagedFile,
     DiversityStats,
     DiversitySummary,
-    EnsembleSummary,
     Scores,
     SetScores,
     SeverityGain,
     ShiftSummary,
-    error_line,
-    load_probability_array,
 )
-from ..metrics import bootstrap_indices
-from ..shift_metrics import corruption_error, mean_defined, paired_gain, relative_corruption_error, scored
-from ..spec import EnsembleSpec, ShiftSetSpec
-from .ensemble import load_members
+from ..transforms.corruptions import SEVERITIES, corrupt_all
 
 CIFAR10C_IMAGES = 10_000  # per severity in CIFAR-10-C: the CIFAR-10 test set, in its order
 
 
-@dataclass(frozen=True)
+@spec
 class BaselineFiles:
     """What the corruption error of an experiment reads of `shift.baseline`."""
 
@@ -69,22 +73,55 @@ def _subset(labels: np.ndarray, images: int | None, seed: int) -> np.ndarray:
     return splits.stratified_take(labels, images, np.random.default_rng([seed, 3]))
 
 
-def _cifar10c_array(source: str, md5: str | None, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _npy(fileobj, what, bound: int) -> np.ndarray:
+    """A plain .npy array from `fileobj` (a file or a tar member), its header read first: an
+    array whose declared size (shape x item size) exceeds `bound` is refused before its data
+    is allocated or read; then exactly that data is read into the array, nothing more."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(fileobj)
+        shape, fortran, dtype = (fmt.read_array_header_1_0(fileobj) if version == (1, 0)
+                                 else fmt.read_array_header_2_0(fileobj))
+    except (OSError, ValueError, EOFError, TypeError) as err:
+        raise UserError(f"shift.source: {what}: not a plain .npy array ({error_line(err)})") from None
+    if dtype.hasobject:
+        raise UserError(f"shift.source: {what}: not a plain .npy array (Python objects, a pickle)")
+    count = int(np.prod(shape, dtype=object))
+    declared = fileobj.tell() + count * dtype.itemsize
+    if declared > bound:
+        raise UserError(f"shift.source: {what}: declares {declared:,} bytes "
+                        f"({' x '.join(map(str, shape))} {dtype}), more than the {bound:,} it can hold")
+    array = np.empty(count, dtype=dtype)
+    buffer, done = memoryview(array.view(np.uint8)), 0
+    while done < len(buffer):
+        n = fileobj.readinto(buffer[done:])
+        if not n:
+            raise UserError(f"shift.source: {what}: not a plain .npy array (its data ends after {done:,} "
+                            f"of {len(buffer):,} bytes)")
+        done += n
+    return array.reshape(shape, order="F" if fortran else "C")
+
+
+def _cifar10c_array(source: str, md5: str | None, name: str,
+                    bounds: Limits | None = None) -> tuple[np.ndarray, np.ndarray]:
     """<name>.npy and labels.npy of a local CIFAR-10-C: from its folder, or read from inside the
-    tar archive (MD5 checked, nothing extracted, arrays without pickles)."""
+    tar archive (MD5 checked, nothing extracted, arrays without pickles). Every file and member
+    is held to `bounds` (default: CIFAR-10-C's own sizes, `limits.cifar10_c`): its size on disk
+    or in the archive's header, and the size its .npy header declares, before it is read."""
     from torchvision.datasets.utils import check_integrity
 
     path = Path(source)
+    bounds = bounds or limits.cifar10_c(name)
 
-    def load(fileobj, what):
+    def load_file(file: Path) -> np.ndarray:
+        size, bound = file.stat().st_size, bounds.of(file.name)
+        if size > bound:
+            raise UserError(f"shift.source: {file}: {size:,} bytes, more than the {bound:,} it can hold")
         try:
-            array = np.load(fileobj, allow_pickle=False)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-            raise UserError(f"shift.source: {what}: not a plain .npy array ({error_line(err)})") from None
-        if not isinstance(array, np.ndarray):  # an .npz archive under an .npy name
-            array.close()
-            raise UserError(f"shift.source: {what}: not a plain .npy array (an .npz archive)")
-        return array
+            with open(file, "rb") as f:
+                return _npy(f, file, bound)
+        except OSError as err:
+            raise UserError(f"shift.source: {file}: cannot read: {error_line(err)}") from None
 
     if path.is_dir():
         found = [p for p in (path / f"{name}.npy", path / "CIFAR-10-C" / f"{name}.npy") if p.is_file()]
@@ -95,23 +132,31 @@ def _cifar10c_array(source: str, md5: str | None, name: str) -> tuple[np.ndarray
         labels = found[0].parent / "labels.npy"
         if not labels.is_file():
             raise UserError(f"shift.source: {found[0].parent}: no labels.npy beside {name}.npy")
-        return load(found[0], found[0]), load(labels, labels)
+        return load_file(found[0]), load_file(labels)
     if not path.is_file():
         raise UserError(f"shift.source: {source}: no such file or folder")
     if md5 is None:
         raise UserError("shift.md5: required with an archive in shift.source (the MD5 its publisher lists)")
     if not check_integrity(str(path), md5):
         raise UserError(f"shift.source: {path}: checksum mismatch (expected MD5 {md5})")
+    wanted = (f"{name}.npy", "labels.npy")
     try:
-        with tarfile.open(path, "r:*") as tar:
-            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        with open_tar(path) as tar:
+            members = {}
+            for member in bounded_members(tar, bounds):  # each header checked; stops once both are seen
+                if member.isfile() and Path(member.name).name in wanted:
+                    members.setdefault(Path(member.name).name, member)
+                if len(members) == len(wanted):
+                    break
             arrays = []
-            for file in (f"{name}.npy", "labels.npy"):
+            for file in wanted:
                 if file not in members:
                     raise UserError(f"shift.source: {path}: no {file} in the archive")
-                # in memory: numpy cannot read from a tar member's file object
-                content = io.BytesIO(tar.extractfile(members[file]).read())
-                arrays.append(load(content, f"{path}:{members[file].name}"))
+                # streamed from the member: its header first, then its data, within its bound
+                with tar.extractfile(members[file]) as f:
+                    arrays.append(_npy(f, f"{path}:{members[file].name}", bounds.of(file)))
+    except TooLarge as err:
+        raise UserError(f"shift.source: {path}: {err}; nothing was read") from None
     except (tarfile.TarError, OSError, EOFError) as err:
         raise UserError(f"shift.source: {path}: cannot read: {error_line(err)}") from None
     return arrays[0], arrays[1]
@@ -150,53 +195,6 @@ def make_shift_set(dataset: str, name: str, spec: ShiftSetSpec, data_path, out) 
         )
     save_npz(out, x=x, y=data["y_test"][index], index=index)
     return x
-
-
-def _npy_header(npz, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    """(shape, dtype) of one array of an .npz from its header alone; its data stays unread."""
-    with npz.zip.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-    return shape, dtype
-
-
-def load_shift_set(path, images: bool = True) -> dict[str, np.ndarray]:
-    """A corrupted test set, checked: x, y and index. Without `images` (the analyses need
-    only the labels) x's header is checked and its data left unread."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            data = {k: npz[k] for k in (("x", "y", "index") if images else ("y", "index"))}
-            shape, dtype = (data["x"].shape, data["x"].dtype) if images else _npy_header(npz, "x")
-    except FileNotFoundError:
-        raise DamagedFile(path, "missing") from None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        raise DamagedFile(path, f"not a corrupted test set ({error_line(err)})") from None
-    y, index = data["y"], data["index"]
-    if not (
-        dtype == np.uint8
-        and len(shape) == 5
-        and shape[0] == len(SEVERITIES)
-        and shape[1] == len(y) == len(index)
-        and y.dtype.kind in "iu"
-        and index.dtype.kind in "iu"
-    ):
-        raise DamagedFile(
-            path, f"damaged corrupted test set (x {dtype} {shape}, y {y.shape}, index {index.shape})"
-        )
-    return data
-
-
-# ------------------------------------------------------------------ predictions
-def load_shift_probs(path, members: int, images: int) -> np.ndarray:
-    """An experiment's probabilities on one corrupted set: members x 5 x N x C, checked."""
-    probs = load_probability_array(path, 4)
-    if probs.shape[:3] != (members, len(SEVERITIES), images):
-        raise DamagedFile(path, f"damaged shift probabilities (shape {probs.shape}, expected {members} x "
-                                f"{len(SEVERITIES)} x {images} x classes)")
-    return probs
 
 
 # ------------------------------------------------------------------ shift.json

@@ -13,11 +13,11 @@ import torch
 import yaml
 
 from .. import __version__
-from ..atomic import all_or_none, write_text
-from ..formats import write_history
-from ..spec import RuntimeSpec, TrainingSpec
+from ..config.convert import to_data
+from ..config.spec import RuntimeSpec, TrainingSpec
+from ..files.atomic import all_or_none, write_text
+from ..files.training_run import write_history
 from ..training import Trainer
-from ..typed import to_data
 
 
 def versions() -> dict:

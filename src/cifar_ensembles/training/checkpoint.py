@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config.spec import TrainingSpec, result_spec
 from ..errors import UserError
-from ..formats import Checkpoint
-from ..spec import TrainingSpec, result_spec
+from ..files.training_run import Checkpoint
 
 
 class Diverged(UserError):

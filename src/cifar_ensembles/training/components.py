@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config.spec import RuntimeSpec, TrainingSpec
 from ..ema import make_ema
 from ..errors import UserError
 from ..losses import build_loss
 from ..models import build_model, load_pretrained
 from ..optim import SAM, build_optimizer
 from ..schedules import build_scheduler
-from ..spec import RuntimeSpec, TrainingSpec
 
 
 def resolve_compile(value, device: torch.device) -> str | None:

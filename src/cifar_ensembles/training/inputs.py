@@ -11,10 +11,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ..augment import EpochBatches, SeededImages, build_train_transform
-from ..batched_augment import BatchedAugment, DeviceBatches
-from ..device import to_channels_last
-from ..spec import AugmentSpec, LoaderSpec
+from ..compute.device import to_channels_last
+from ..config.spec import AugmentSpec, LoaderSpec
+from ..transforms.augment import EpochBatches, SeededImages, build_train_transform
+from ..transforms.batched_augment import BatchedAugment, DeviceBatches
 from .signals import ignore_stop_signals
 
 

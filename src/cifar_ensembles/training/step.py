@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..device import autocast
+from ..compute.device import autocast
 from ..errors import UserError
 from ..optim import frozen_bn_stats
 from .components import Components

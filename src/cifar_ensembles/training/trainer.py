@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..augment import normalization
-from ..device import autocast, resolve_device
+from ..compute.device import autocast, resolve_device
+from ..compute.inference import predict_logits
+from ..config.spec import RuntimeSpec, TrainingSpec
 from ..errors import Preempted, UserError
-from ..formats import Checkpoint, DamagedFile, Divergence, EpochProgress, HistoryRow, ModelRecord
-from ..inference import predict_logits
-from ..spec import RuntimeSpec, TrainingSpec
+from ..files.records import DamagedFile
+from ..files.training_run import Checkpoint, Divergence, EpochProgress, HistoryRow, ModelRecord
+from ..transforms.augment import normalization
 from .checkpoint import Diverged, fingerprint, read_checkpoint
 from .components import build_components, build_network
 from .inputs import build_inputs
@@ -54,9 +55,6 @@ class Trainer:
         self.spec, self.runtime, self.data, self.seed = spec, runtime, data, seed
         self.log = log if log is not None else (lambda msg: print(msg, file=sys.stderr, flush=True))
         torch.set_num_threads(max(int(threads), 1))
-        for name in ("eval_every_epochs", "checkpoint_every_epochs", "eval_batch_size"):
-            if getattr(runtime, name) < 1:
-                raise UserError(f"runtime.{name}: {getattr(runtime, name)} must be at least 1")
         self.device = resolve_device(runtime.device)
         autocast(self.device, spec.precision)  # validates the name early
         if self.device.type == "cuda":

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import UserError
-from .spec import AugmentSpec
+from ..config.spec import AugmentSpec
+from ..errors import UserError
 
 AUGMENT_NAMES = ("albumentations", "torchvision", "none")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

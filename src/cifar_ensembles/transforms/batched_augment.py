@@ -34,10 +34,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..compute.device import to_channels_last
+from ..config.spec import AugmentSpec
+from ..errors import UserError
 from .augment import epoch_order
-from .device import to_channels_last
-from .errors import UserError
-from .spec import AugmentSpec
 
 _STREAM_TAG = 0x67707561  # "gpua": keeps this stream apart from any other use of (seed, epoch)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from .atomic import atomic_path
-from .errors import UserError
 
 
 def default_url() -> str:
@@ -28,7 +28,7 @@ def check_resnet18_state(path: str | os.PathLike) -> None:
     """Fail with one line unless `path` holds a torchvision ResNet-18 state dict."""
     from torchvision.models import resnet18
 
-    from .models import load_pretrained
+    from ..models import load_pretrained
 
     load_pretrained(resnet18(weights=None, num_classes=10), path)
 

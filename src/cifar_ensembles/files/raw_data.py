@@ -4,13 +4,18 @@ uint8 arrays (`splits` turns those into the prepared data.npz).
 Downloads go through torchvision's own helpers (`download_url` with the MD5 torchvision
 publishes). Offline machines name a local archive or folder instead (`data.source`); the
 same checksum applies, or the user's own (`data.md5`). Either way the archive is extracted
-by `safe_archive` (nothing outside its folder) and its pickled batches are read by
-`safe_pickle` (plain data only, no code), then checked for type and shape.
+by `safe_archive` (nothing outside its folder, nothing beyond the sizes in `limits`) and its
+pickled batches are read by `safe_pickle` (plain data only, no code), then checked for type
+and shape. Fashion-MNIST's gzip'd IDX files are decompressed exactly as far as their headers
+say (and no further than `limits`), and must be the published dataset's bytes (SHA-256 of
+each decompressed file) unless `data.own_dataset` says they are not meant to be.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -20,10 +25,12 @@ from pathlib import Path
 
 import numpy as np
 from torchvision import datasets as tvd
-from torchvision.datasets.utils import check_integrity, download_and_extract_archive, download_url
+from torchvision.datasets.utils import check_integrity, download_url
 
+from ..errors import UserError
+from . import limits as known
 from .atomic import current_umask
-from .errors import UserError
+from .limits import Limits
 from .safe_archive import extract_tar
 from .safe_pickle import load_plain_pickle
 
@@ -62,6 +69,19 @@ CIFAR = {
     "cifar100": _cifar_spec(tvd.CIFAR100, "fine_labels"),
 }
 FASHION_FILES = tuple(name for name, _ in tvd.FashionMNIST.resources)  # the four .gz names
+# SHA-256 of each decompressed file of the published Fashion-MNIST. Computed from Debian's
+# dataset-fashion-mnist (/usr/share/datasets/fashion-mnist), whose .gz files are zalando's
+# with the gzip header's file name dropped and its time changed: putting back the name and
+# the original time (2017-08-31 10:50:06 UTC for train-*, 10:50:27 for t10k-*) reproduces
+# the four files torchvision downloads, byte for byte, with the MD5s torchvision publishes
+# (tests/test_size_limits.py rebuilds them and checks both).
+FASHION_SHA256 = {
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+CHUNK = 1 << 20
 DATASETS = (*CIFAR, "fashion_mnist")
 
 
@@ -71,23 +91,29 @@ def check_dataset_name(name: str) -> None:
 
 
 def fetch(dataset: str, out_dir: str | os.PathLike, source: str | None = None,
-          url: str | None = None, md5: str | None = None) -> Path:
+          url: str | None = None, md5: str | None = None, own_dataset: bool | None = None,
+          limits: Limits | None = None) -> Path:
     """Fill `out_dir` with the verified raw files of `dataset`; all or nothing.
 
     `source` is a local archive or folder (offline machines); otherwise `url` (default:
     torchvision's) is downloaded. `md5` defaults to torchvision's published checksum.
+    `own_dataset` (data.own_dataset; None is false): a Fashion-MNIST folder in `source` is a
+    dataset of one's own, not checked against the published digests. `limits` (default: the
+    dataset's, `limits.DATASETS`) bound what extraction and decompression may produce.
     """
     check_dataset_name(dataset)
+    limits = limits or known.DATASETS[dataset]
+    _check_own(dataset, source, md5, own_dataset)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700
     try:
         if dataset in CIFAR:
-            _fetch_cifar(CIFAR[dataset], staging, source, url, md5)
+            _fetch_cifar(CIFAR[dataset], staging, source, url, md5, limits)
         else:
-            _fetch_fashion_mnist(staging, source, url, md5)
-        _readable(dataset, staging, source or url or "the download")
+            _fetch_fashion_mnist(staging, source, url, md5, bool(own_dataset), limits)
+        _readable(dataset, staging, source or url or "the download", limits)
         if out_dir.exists():  # replaced only once the new files are verified
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
@@ -97,16 +123,27 @@ def fetch(dataset: str, out_dir: str | os.PathLike, source: str | None = None,
     return out_dir
 
 
-def _readable(dataset: str, staging: Path, origin) -> None:
+def _check_own(dataset: str, source, md5, own_dataset) -> None:
+    if not own_dataset:
+        return
+    if source is None:
+        raise UserError("data.own_dataset: applies to the files in data.source; a download is checked "
+                        "with torchvision's MD5s")
+    if dataset in CIFAR and md5 is None:
+        raise UserError("data.own_dataset: a CIFAR archive of your own is checked with its MD5: "
+                        "set data.md5")
+
+
+def _readable(dataset: str, staging: Path, origin, limits: Limits) -> None:
     """Decode the staged files once (safely) before they count as fetched: a malformed or
     poisoned batch fails the download, named inside its archive, not a later job."""
     try:
-        load_raw(dataset, staging)
+        load_raw(dataset, staging, limits)
     except UserError as err:
         raise UserError(str(err).replace(f"{staging}{os.sep}", f"{origin}: ")) from None
 
 
-def _fetch_cifar(spec: CifarSpec, staging: Path, source, url, md5) -> None:
+def _fetch_cifar(spec: CifarSpec, staging: Path, source, url, md5, limits: Limits) -> None:
     """The archive (downloaded or local), its MD5 checked, extracted safely into `staging`."""
     md5 = md5 or spec.md5
     if source is None:
@@ -127,16 +164,15 @@ def _fetch_cifar(spec: CifarSpec, staging: Path, source, url, md5) -> None:
         if not check_integrity(str(archive), md5):
             raise UserError(f"data.source: {archive}: checksum mismatch (expected MD5 {md5}); "
                             "the archive is corrupt, truncated or not the expected dataset")
-    extract_tar(archive, staging, where)
+    extract_tar(archive, staging, where, limits)
     if source is None:
         archive.unlink()
 
 
-def _fetch_fashion_mnist(staging: Path, source, url, md5) -> None:
-    """Debian's dataset-fashion-mnist re-gzipped the files, so the .gz MD5s cannot match.
-
-    A local folder is therefore decompressed as is and checked structurally (IDX magic,
-    shapes, label range) when it is loaded; downloads keep torchvision's MD5 check.
+def _fetch_fashion_mnist(staging: Path, source, url, md5, own: bool, limits: Limits) -> None:
+    """The four .gz files, downloaded (torchvision's MD5 of each) or from a local folder,
+    decompressed by `_decompress_idx`. Debian's dataset-fashion-mnist re-wrote the gzip
+    headers, so a local folder's .gz MD5s cannot match; the decompressed bytes can, and must.
     """
     raw = staging / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
@@ -147,9 +183,11 @@ def _fetch_fashion_mnist(staging: Path, source, url, md5) -> None:
         base = (url or tvd.FashionMNIST.mirrors[0]).rstrip("/") + "/"
         for filename, file_md5 in tvd.FashionMNIST.resources:
             try:
-                download_and_extract_archive(base + filename, str(raw), filename=filename, md5=file_md5)
+                download_url(base + filename, str(staging), filename=filename, md5=file_md5)
             except (RuntimeError, OSError) as err:
                 raise UserError(f"data.url: {base + filename}: {err}") from None
+            _decompress_idx(staging / filename, raw, "data.url", own, limits)
+            (staging / filename).unlink()
         return
     folder = Path(source)
     if not folder.is_dir():
@@ -158,24 +196,87 @@ def _fetch_fashion_mnist(staging: Path, source, url, md5) -> None:
         gz = folder / filename
         if not gz.is_file():
             raise UserError(f"data.source: {gz}: missing")
-        try:
-            with gzip.open(gz, "rb") as src, open(raw / gz.stem, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        except (OSError, EOFError, zlib.error) as err:
-            raise UserError(f"data.source: {gz}: cannot decompress: {err}") from None
+        _decompress_idx(gz, raw, "data.source", own, limits)
 
 
-def load_raw(dataset: str, raw_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a folder filled by `fetch` into uint8 NHWC images, int64 labels and class names."""
+def _read_exactly(src, n: int) -> bytes:
+    data = src.read(n)
+    if len(data) != n:
+        raise EOFError(f"ends after {len(data)} of the {n} header bytes")
+    return data
+
+
+def _decompress_idx(gz: Path, raw: Path, where: str, own: bool, limits: Limits) -> None:
+    """Decompress one gzip'd IDX file into `raw`, exactly as far as its header says: the magic
+    (uint8, one dimension for labels, three for images) and its dimensions give the length,
+    which must be within `limits`; that many bytes are streamed (1 MiB at a time), then the
+    stream must end. The SHA-256 of what was read must be the published file's unless `own`."""
+    name = gz.name.removesuffix(".gz")
+    ndim = 3 if "images" in name else 1
+    bound = limits.of(name)
+    digest = hashlib.sha256()
+    try:
+        with gzip.open(gz, "rb") as src, open(raw / name, "wb") as dst:
+            magic = _read_exactly(src, 4)
+            if magic != bytes((0, 0, 0x08, ndim)):
+                raise UserError(f"{where}: {gz}: not valid Fashion-MNIST IDX: magic {magic.hex()}, "
+                                f"expected {bytes((0, 0, 0x08, ndim)).hex()} (uint8, {ndim} dimensions)")
+            dims_bytes = _read_exactly(src, 4 * ndim)
+            dims = tuple(int.from_bytes(dims_bytes[i:i + 4], "big") for i in range(0, 4 * ndim, 4))
+            declared = known.idx_size(dims)
+            if declared > bound:
+                raise UserError(f"{where}: {gz}: member {name!r} declares {declared:,} bytes "
+                                f"({' x '.join(map(str, dims))}), more than the {bound:,} it can hold; "
+                                "nothing was kept")
+            for block in (magic, dims_bytes):
+                digest.update(block)
+                dst.write(block)
+            left = math.prod(dims)
+            while left:
+                block = src.read(min(CHUNK, left))
+                if not block:
+                    raise UserError(f"{where}: {gz}: not valid Fashion-MNIST IDX: member {name!r} ends after "
+                                    f"{declared - left:,} of the {declared:,} bytes its header declares")
+                digest.update(block)
+                dst.write(block)
+                left -= len(block)
+            if src.read(1):
+                raise UserError(f"{where}: {gz}: member {name!r} goes on past the {declared:,} bytes its "
+                                f"header declares (at most {bound:,}); refused before the rest was read")
+    except (OSError, EOFError, zlib.error) as err:
+        raise UserError(f"{where}: {gz}: cannot decompress: {err}") from None
+    found, expected = digest.hexdigest(), FASHION_SHA256[name]
+    if not own and found != expected:
+        raise UserError(f"{where}: {gz}: {name} is not the published Fashion-MNIST (SHA-256 {found[:16]}..., "
+                        f"expected {expected[:16]}...); a dataset of your own in this format: set "
+                        "data.own_dataset: true")
+
+
+def load_raw(dataset: str, raw_dir: str | os.PathLike, limits: Limits | None = None) -> dict[str, np.ndarray]:
+    """Read a folder filled by `fetch` into uint8 NHWC images, int64 labels and class names.
+    A file over its bound in `limits` (default: the dataset's) is refused before it is read."""
     check_dataset_name(dataset)
     raw_dir = Path(raw_dir)
+    limits = limits or known.DATASETS[dataset]
     if dataset in CIFAR:
-        return _load_cifar(CIFAR[dataset], raw_dir / CIFAR[dataset].base_folder)
-    return _load_fashion_mnist(raw_dir)
+        return _load_cifar(CIFAR[dataset], raw_dir / CIFAR[dataset].base_folder, limits)
+    return _load_fashion_mnist(raw_dir, limits)
 
 
-def _batch(path: Path, keys: tuple[str, ...]) -> dict:
+def _within(path: Path, limits: Limits) -> None:
+    """Refuse `path` before reading it when it holds more than the dataset's file can."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return  # the reader names a missing file
+    bound = limits.of(path.name)
+    if size > bound:
+        raise UserError(f"{path}: {size:,} bytes, more than the {bound:,} this file of the dataset can hold")
+
+
+def _batch(path: Path, keys: tuple[str, ...], limits: Limits) -> dict:
     """A pickled CIFAR dict, read without running code, with `keys` present."""
+    _within(path, limits)
     batch = load_plain_pickle(path)
     if not isinstance(batch, dict):
         raise UserError(f"{path}: not a CIFAR batch: a {type(batch).__name__}, not a dict")
@@ -202,11 +303,11 @@ def _labels(value, path: Path, key: str) -> np.ndarray:
     raise UserError(f"{path}: {key!r} must be a list of integer labels")
 
 
-def _cifar_batches(spec: CifarSpec, folder: Path, names) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_batches(spec: CifarSpec, folder: Path, names, limits: Limits) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for name in names:
         path = folder / name
-        batch = _batch(path, ("data", spec.label_key))
+        batch = _batch(path, ("data", spec.label_key), limits)
         data, labels = _pixels(batch["data"], path), _labels(batch[spec.label_key], path, spec.label_key)
         if len(labels) != len(data):
             raise UserError(f"{path}: {len(data)} images but {len(labels)} labels")
@@ -215,29 +316,31 @@ def _cifar_batches(spec: CifarSpec, folder: Path, names) -> tuple[np.ndarray, np
     return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
 
 
-def _class_names(spec: CifarSpec, folder: Path) -> list[str]:
+def _class_names(spec: CifarSpec, folder: Path, limits: Limits) -> list[str]:
     path = folder / spec.meta_file
-    names = _batch(path, (spec.names_key,))[spec.names_key]
+    names = _batch(path, (spec.names_key,), limits)[spec.names_key]
     if not (isinstance(names, list) and names and all(isinstance(n, (str, bytes)) for n in names)):
         raise UserError(f"{path}: {spec.names_key!r} must be a list of class names")
     return [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
 
 
-def _load_cifar(spec: CifarSpec, folder: Path) -> dict[str, np.ndarray]:
-    x_train, y_train = _cifar_batches(spec, folder, spec.train_files)
-    x_test, y_test = _cifar_batches(spec, folder, spec.test_files)
-    classes = _class_names(spec, folder)
+def _load_cifar(spec: CifarSpec, folder: Path, limits: Limits) -> dict[str, np.ndarray]:
+    x_train, y_train = _cifar_batches(spec, folder, spec.train_files, limits)
+    x_test, y_test = _cifar_batches(spec, folder, spec.test_files, limits)
+    classes = _class_names(spec, folder, limits)
     return _checked(dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
                          classes=np.array(classes)), folder)
 
 
-def _load_fashion_mnist(raw_dir: Path) -> dict[str, np.ndarray]:
+def _load_fashion_mnist(raw_dir: Path, limits: Limits) -> dict[str, np.ndarray]:
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
     folder = raw_dir / "FashionMNIST" / "raw"
     arrays = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
         images, labels = folder / f"{prefix}-images-idx3-ubyte", folder / f"{prefix}-labels-idx1-ubyte"
+        _within(images, limits)
+        _within(labels, limits)
         try:
             arrays[f"x_{split}"] = read_image_file(str(images)).numpy()[..., None]
             arrays[f"y_{split}"] = read_label_file(str(labels)).numpy().astype(np.int64)

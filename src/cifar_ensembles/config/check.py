@@ -1,26 +1,26 @@
 """Check the workflow's config before any job runs and describe the first problem in one line.
 
-`validate_config` runs the JSON schema (Draft 2020-12, the schema's own dialect), picks the
-most relevant error and names its field as a dotted path
-(`experiments.single_asam.optimizer.lr: -1 is less than or equal to the minimum of 0`);
-an unknown key is named itself, with the allowed keys and the closest one when it looks
-misspelt, or where it moved to. Every number must be finite (YAML's .nan and .inf pass a
-JSON schema). Then the config is resolved into its typed spec (`spec.resolve`) and what the
-schema cannot express is checked on that: experiments named in `run_experiments` exist, the
-cosine floor is below the learning rate of every experiment, ImageNet weights are asked for
-only with the architecture they exist for, and the validation split fits the standard
-archives. Light on purpose: Snakemake imports it at parse time (no torch).
+`validate_config` resolves the merged config into its typed spec (`spec.resolve`): the
+specs' own annotations say every field's type and bounds, and their first violation is named
+as a dotted path (`experiments.single_asam.optimizer.lr: expected a number greater than 0,
+got -1`); an unknown key is named itself, with the allowed keys and the closest one when it
+looks misspelt, or where it moved to. Every number must be finite, also where the specs
+accept any value (a corruption's parameters). Then what a field's annotation cannot express
+is checked on the spec: experiments named in `run_experiments` exist, the cosine floor is
+below the learning rate of every experiment, ImageNet weights are asked for only with the
+architecture they exist for, and the validation split fits the standard archives. Light on
+purpose: Snakemake imports it at parse time (no torch).
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-import os
 import re
 from collections.abc import Iterable
 
-from .errors import UserError
+from ..errors import UserError
+from .convert import UnknownKey
 from .spec import WorkflowSpec, origin, resolve
 
 # Images in the standard archives (torchvision's MD5 enforces them when data.md5 is null).
@@ -40,7 +40,7 @@ SPEED_MOVED = "(speed settings rerun nothing there)"
 
 def moved(path: str, key: str) -> str | None:
     """Where an old key at `path` lives now, or None when it was never a key there."""
-    if path == "config" and key in MOVED_FROM_TOP:
+    if path == "" and key in MOVED_FROM_TOP:
         return f"moved to {MOVED_FROM_TOP[key]} {SPEED_MOVED}"
     if path == "training" and key in MOVED:
         return f"moved to {MOVED[key]} {SPEED_MOVED}"
@@ -52,19 +52,18 @@ def moved(path: str, key: str) -> str | None:
     return None
 
 
-def validate_config(config: dict, schema_path: str | os.PathLike) -> WorkflowSpec:
+def validate_config(config: dict) -> WorkflowSpec:
     """The config's resolved spec; UserError (one line, naming the field) when it is invalid."""
-    import yaml
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import best_match
-
-    with open(schema_path) as f:
-        schema = yaml.safe_load(f)
-    error = best_match(Draft202012Validator(schema).iter_errors(config))
-    if error is not None:
-        raise UserError(describe(error, schema))
+    if not isinstance(config, dict):
+        raise UserError(f"config: expected a mapping of sections, got {type(config).__name__}")
     check_finite(config)
-    spec = resolve(config)
+    try:
+        spec = resolve(config)
+    except UnknownKey as err:
+        where = moved(err.path, err.key)
+        if where:
+            raise UserError(f"{_join(err.path, err.key)}: {where}") from None
+        raise
     check_semantics(config, spec)
     return spec
 
@@ -81,80 +80,13 @@ def check_finite(value, path: str = "config") -> None:
             check_finite(item, f"{path}[{i}]")
 
 
-# ------------------------------------------------------------------ schema errors
-def dotted(path: Iterable) -> str:
-    """`experiments.x.seeds[1]` from a jsonschema path; `config` for the root."""
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "config"
-
-
 def _join(path: str, key: str) -> str:
-    return key if path == "config" else f"{path}.{key}"
-
-
-def _resolve(ref: str, root: dict) -> dict:
-    """A local `#/$defs/...` reference; anything else resolves to an empty schema."""
-    if not ref.startswith("#/"):
-        return {}
-    node = root
-    for part in ref[2:].split("/"):
-        node = node.get(part.replace("~1", "/").replace("~0", "~"), {}) if isinstance(node, dict) else {}
-    return node if isinstance(node, dict) else {}
-
-
-def allowed_keys(schema: dict, root: dict, seen: frozenset = frozenset()) -> list[str]:
-    """Property names a schema object evaluates: its `properties`, and those of its `$ref`s and
-    `allOf`/`anyOf`/`oneOf` branches (what `unevaluatedProperties` accepts)."""
-    keys = list(schema.get("properties", {}))
-    subschemas = [_resolve(schema["$ref"], root)] if "$ref" in schema and schema["$ref"] not in seen else []
-    for keyword in ("allOf", "anyOf", "oneOf"):
-        subschemas += schema.get(keyword, [])
-    for sub in subschemas:
-        if isinstance(sub, dict):
-            keys += [k for k in allowed_keys(sub, root, seen | {schema.get("$ref")}) if k not in keys]
-    return keys
+    return key if path in ("config", "") else f"{path}.{key}"
 
 
 def _suggest(word: str, choices: Iterable) -> str:
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def describe(error, schema: dict) -> str:
-    """One line for a jsonschema ValidationError: the field's dotted path, then what is wrong."""
-    path = dotted(error.absolute_path)
-    keyword = error.validator
-    if keyword in ("additionalProperties", "unevaluatedProperties") and isinstance(error.instance, dict):
-        allowed = allowed_keys(error.schema, schema)
-        patterns = list(error.schema.get("patternProperties", {}))
-        unknown = [k for k in error.instance
-                   if k not in allowed and not any(re.search(p, str(k)) for p in patterns)]
-        if unknown and allowed:
-            key = unknown[0]
-            where = moved(path, str(key))
-            if where:
-                return f"{_join(path, str(key))}: {where}"
-            return (f"{_join(path, str(key))}: unknown key{_suggest(key, allowed)} "
-                    f"(allowed: {', '.join(allowed)})")
-    if keyword == "required":
-        missing = re.match(r"'(.*)' is a required property", error.message)
-        if missing:
-            return f"{_join(path, missing.group(1))}: missing (required)"
-    if "propertyNames" in error.relative_schema_path or "propertyNames" in error.schema_path:
-        return f"{_join(path, str(error.instance))}: invalid name: {error.message}"
-    message = error.message
-    if keyword == "enum":
-        message += _suggest(error.instance, error.validator_value)
-    expected = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
-    if keyword == "type" and {"number", "integer"} & set(expected) and isinstance(error.instance, str):
-        text = error.instance.strip()
-        if re.fullmatch(r"[+-]?\d+[eE][+-]?\d+", text):  # YAML 1.1 wants a dot: 1.0e-4
-            message += f" (YAML reads {text} as text; write {text.replace('e', '.0e').replace('E', '.0E')})"
-        elif re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text):
-            message += " (a number in quotes is text; drop the quotes)"
-    return f"{path}: {message}"
 
 
 # --------------------------------------------------------------- semantic checks

@@ -14,10 +14,10 @@ import zipfile
 
 import numpy as np
 
+from ..config.spec import SplitSpec
+from ..errors import UserError
 from .atomic import save_npz
-from .errors import UserError
-from .formats import DamagedFile, error_line
-from .spec import SplitSpec
+from .records import DamagedFile, error_line
 
 
 def stratified_take(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -18,7 +18,7 @@ import pickle
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 try:  # numpy 2 moved numpy.core to numpy._core (pickles name either)
     from numpy._core.multiarray import _reconstruct

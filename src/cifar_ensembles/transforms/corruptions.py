@@ -17,8 +17,8 @@ import zlib
 
 import numpy as np
 
-from .errors import UserError
-from .spec import CorruptionTransform
+from ..config.spec import CorruptionTransform
+from ..errors import UserError
 
 # The albumentations transforms a corruption may name (the schema lists the same).
 TRANSFORMS = typing.get_args(CorruptionTransform)

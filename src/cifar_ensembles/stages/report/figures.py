@@ -1,28 +1,22 @@
-"""Figures and tables of the report, drawn only from files earlier steps wrote.
+"""The report's figures per experiment and across experiments: training curves, accuracy
+against ensemble size, reliability diagrams, accuracy with intervals and cost per model.
 
 Nothing here trains or predicts, so figures can be restyled and redrawn in seconds.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import os
-from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from ..atomic import atomic_write, write_text  # noqa: E402
-from ..errors import UserError  # noqa: E402
-from ..formats import Comparisons, EnsembleSummary, read_benchmark_seconds, read_history  # noqa: E402
-from ..spec import PublishedSpec  # noqa: E402
-
-COLORS = {"val": "#1f77b4", "test": "#d62728", "train": "#7f7f7f", "ema": "#2ca02c"}
+from ...config.spec import PublishedSpec
+from ...errors import UserError
+from ...files.ensemble_summary import EnsembleSummary
+from ...files.training_run import read_benchmark_seconds, read_history
+from .plotting import COLORS, save_figure, style_axes
 
 
 def history_columns(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -30,20 +24,6 @@ def history_columns(path: str | os.PathLike) -> dict[str, np.ndarray]:
     rows = read_history(path)
     return {k: np.array([np.nan if getattr(r, k) is None else getattr(r, k) for r in rows], dtype=float)
             for k in rows[0].__dataclass_fields__}
-
-
-def _style(ax, xlabel, ylabel):
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    ax.spines[["top", "right"]].set_visible(False)
-
-
-def save_figure(fig, paths) -> None:
-    for path in paths:
-        with atomic_write(path) as tmp:
-            fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight", format=Path(path).suffix[1:])
-    plt.close(fig)
 
 
 def _stack(histories, column):
@@ -84,8 +64,8 @@ def plot_training_curves(history_paths, experiment: str, out_paths, dpi: int) ->
         if np.all(np.isnan(values)):
             continue
         _band(ax_loss, x, values, color, label, style)
-    _style(ax_acc, "epoch", "accuracy (%)")
-    _style(ax_loss, "epoch", "loss")
+    style_axes(ax_acc, "epoch", "accuracy (%)")
+    style_axes(ax_loss, "epoch", "loss")
     for ax in (ax_acc, ax_loss):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     best = np.nanmax(_stack(histories, "val_acc")[0], axis=1)
@@ -122,7 +102,7 @@ def plot_ensemble_curve(ensemble_json, experiment: str, out_paths, published: Pu
         ax.plot([greedy.chosen_size], [100 * getattr(greedy, f"{split}_accuracy")], marker="D", markersize=7,
                     color="black", linestyle="none", label="greedy selection (val NLL)")
         ax.axvline(summary.chosen_k, color="black", alpha=0.35, linewidth=1)
-        _style(ax, "ensemble size k", "accuracy (%)" if split == "val" else "")
+        style_axes(ax, "ensemble size k", "accuracy (%)" if split == "val" else "")
         ax.set_xticks(k)
         ax.set_title("validation (k chosen here)" if split == "val" else "test (read once for the chosen k)",
                      fontsize=10)
@@ -142,7 +122,7 @@ def plot_ensemble_curve(ensemble_json, experiment: str, out_paths, published: Pu
 
 
 def _reliability_panel(ax, probs, labels, temperature, n_bins, title):
-    from ..metrics import expected_calibration_error, reliability_bins, temperature_scale
+    from ...analysis.metrics import expected_calibration_error, reliability_bins, temperature_scale
 
     width = 1.0 / n_bins
     for p, color, label, fill in ((probs, COLORS["test"], "as predicted", True),
@@ -162,7 +142,7 @@ def _reliability_panel(ax, probs, labels, temperature, n_bins, title):
     ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    _style(ax, "confidence (max probability)", "accuracy")
+    style_axes(ax, "confidence (max probability)", "accuracy")
     ax.set_title(title, fontsize=10)
     ax.legend(frameon=False, fontsize=8, loc="upper left")
 
@@ -171,7 +151,7 @@ def plot_reliability(ensemble_json, data_path, test_paths, experiment: str, out_
                      n_bins: int, dpi: int) -> None:
     """Reliability diagrams on test of the best single model (by validation accuracy) and of
     the chosen ensemble, before and after temperature scaling fitted on validation."""
-    from .ensemble import load_members, read_labels
+    from ...files.arrays import load_members, read_labels
 
     summary = EnsembleSummary.load(ensemble_json)
     seeds = summary.seeds
@@ -224,7 +204,7 @@ def plot_accuracy_bars(ensemble_jsons: dict, out_paths, dpi: int) -> None:
     top = max(100 * s.test_ci[1] for s in summaries)
     ax.set_ylim(max(0.0, min(everything) - 2.0), min(100.0, top + 2.0))
     ax.set_xticks(x, names)
-    _style(ax, "", "test accuracy (%)")
+    style_axes(ax, "", "test accuracy (%)")
     ax.legend(frameon=False, fontsize=8)
     ax.set_title("test accuracy with 95% bootstrap confidence intervals (dots: single seeds)", fontsize=10)
     save_figure(fig, out_paths)
@@ -259,138 +239,6 @@ def plot_cost(runs: dict, out_paths, dpi: int) -> None:
                         textcoords="offset points", ha="center", fontsize=8, color="white", fontweight="bold",
                         xycoords=("data", "axes fraction"))
         ax.set_xticks(x, names)
-        _style(ax, "", label)
+        style_axes(ax, "", label)
     fig.suptitle("cost per model (bars: mean, dots: seeds)")
     save_figure(fig, out_paths)
-
-
-def _pct(v) -> str:
-    return f"{100 * v:.2f}%"
-
-
-def _mean_std(values, scale: float = 100.0, unit: str = "%", digits: int = 2) -> str:
-    values = scale * np.asarray(values, dtype=float)
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}{unit}"
-    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}{unit}"
-
-
-SUMMARY_HEADER = ["experiment", "seeds", "single: val acc", "single: test acc", "single: test NLL",
-                  "single: ECE (→ temp. scaled)", "ensemble (chosen on val)", "ensemble: val acc",
-                  "ensemble: test acc [95% CI]", "ensemble: ECE (→ temp. scaled)", "cost per model",
-                  "the report"]
-
-
-def _summary_row(name: str, s: EnsembleSummary, cost: dict, pub: PublishedSpec | None) -> list[str]:
-    singles, cal = s.singles, s.calibration
-    lo, hi = s.test_ci
-    return [name, str(len(singles)), _mean_std([r.val_accuracy for r in singles]),
-            _mean_std([r.test_accuracy for r in singles]),
-            _mean_std([r.calibration.before.nll for r in singles], 1.0, "", 3),
-            f"{_mean_std([r.calibration.before.ece for r in singles])} → "
-            f"{_mean_std([r.calibration.after.ece for r in singles])}",
-            f"{s.method}, k={s.chosen_k}", _pct(s.val_accuracy),
-            f"{_pct(s.test_accuracy)} [{100 * lo:.2f}, {100 * hi:.2f}]",
-            f"{_pct(cal.before.ece)} → {_pct(cal.after.ece)}",
-            f"{np.mean(cost['seconds']):,.0f} s, {np.mean(cost['images_per_second']):,.0f} img/s",
-            pub.note if pub else "-"]
-
-
-def _csv_row(name: str, s: EnsembleSummary, cost: dict, pub: PublishedSpec | None) -> dict:
-    test = [r.test_accuracy for r in s.singles]
-    cal = s.calibration
-    return {
-        "experiment": name, "seeds": len(s.singles),
-        "single_val_acc_mean": np.mean([r.val_accuracy for r in s.singles]),
-        "single_test_acc_mean": np.mean(test),
-        "single_test_acc_std": np.std(test, ddof=1) if len(test) > 1 else 0.0,
-        "single_test_nll_mean": np.mean([r.calibration.before.nll for r in s.singles]),
-        "single_test_ece_mean": np.mean([r.calibration.before.ece for r in s.singles]),
-        "single_test_ece_scaled_mean": np.mean([r.calibration.after.ece for r in s.singles]),
-        "ensemble_method": s.method, "ensemble_k": s.chosen_k,
-        "ensemble_val_acc": s.val_accuracy, "ensemble_test_acc": s.test_accuracy,
-        "ensemble_test_ci_low": s.test_ci[0], "ensemble_test_ci_high": s.test_ci[1],
-        "ensemble_test_nll": cal.before.nll, "ensemble_test_ece": cal.before.ece,
-        "ensemble_test_ece_scaled": cal.after.ece, "ensemble_temperature": cal.temperature,
-        "greedy_members": " ".join(str(m) for m in s.greedy.members),
-        "greedy_test_acc": s.greedy.test_accuracy,
-        "seconds_per_model": np.mean(cost["seconds"]),
-        "train_images_per_second": np.mean(cost["images_per_second"]),
-        "published_test_acc": pub.test_accuracy if pub else "",
-    }
-
-
-def _comparison_lines(comparisons) -> list[str]:
-    if not comparisons:
-        return []
-    lines = ["", "## Paired comparisons (test split, exact McNemar test)", "",
-             "| A | B | shared seeds | mean single acc A − B | per-seed p-values | "
-             "ensembles of shared seeds: A vs B | p-value |", "|---|---|---|---|---|---|---|"]
-    for c in comparisons:
-        per_seed = ", ".join(f"{r.p_value:.3g}" for r in c.per_seed)
-        e = c.ensemble
-        lines.append(f"| {c.a} | {c.b} | {len(c.shared_seeds)} | "
-                     f"{100 * c.mean_single_difference:+.2f} points | {per_seed} | "
-                     f"{_pct(e.accuracy_a)} vs {_pct(e.accuracy_b)} | {e.p_value:.3g} |")
-    return lines
-
-
-FIGURES = {  # file (beside summary.md) -> caption
-    "accuracy.png": "Test accuracy of the mean single model and the chosen ensemble, with 95% bootstrap "
-                    "intervals.",
-    "cost.png": "Training cost per model: job wall time and images per second.",
-    "shift.png": "Accuracy and ECE against corruption severity (boxes over corruptions): single models "
-                 "(light) and the chosen ensemble (dark) of every experiment.",
-}
-EXPERIMENT_FIGURES = {
-    "training_curves.png": "training curves (mean over seeds, band: min-max)",
-    "ensemble_curve.png": "accuracy against ensemble size, validation and test",
-    "reliability.png": "reliability diagrams of the best single model and the chosen ensemble",
-    "diversity.png": "member disagreement, the ensemble's gain against its size, diversity under shift",
-}
-
-
-def _figure_lines(experiments: list[str], with_shift: bool) -> list[str]:
-    """The figures beside summary.md, linked with their captions (Markdown viewers show them)."""
-    lines = ["", "## Figures", ""]
-    for name, caption in FIGURES.items():
-        if name != "shift.png" or with_shift:
-            lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
-    for experiment in experiments:
-        for name, caption in EXPERIMENT_FIGURES.items():
-            lines += [f"![{experiment}: {caption}]({experiment}/{name})", "",
-                      f"*{experiment}: {caption}*", ""]
-    return lines
-
-
-def _csv_text(rows: list[dict]) -> str:
-    body = io.StringIO()
-    writer = csv.DictWriter(body, fieldnames=list(rows[0]) if rows else ["experiment"], lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    return body.getvalue()
-
-
-def write_summary(ensemble_jsons: dict, runs: dict, comparisons_json,
-                  published: dict[str, PublishedSpec] | None, out_md, out_csv,
-                  shift: dict | None = None, diversity: dict | None = None) -> None:
-    """summary.md (tables a reader can scan) and summary.csv (one row per experiment, numbers);
-    `shift` and `diversity` ({experiment: json}) add their sections when given."""
-    from .shift_figures import diversity_lines, shift_lines
-
-    published = published or {}
-    costs = cost_table(runs)
-    comparisons = Comparisons.load(comparisons_json).pairs if comparisons_json else []
-    summaries = {name: EnsembleSummary.load(path) for name, path in ensemble_jsons.items()}
-    rows = [_summary_row(n, s, costs[n], published.get(n)) for n, s in summaries.items()]
-    lines = ["# Summary", "",
-             "Single models: mean ± standard deviation over seeds. The ensemble size is chosen on the "
-             "validation split and its test accuracy is read once; the interval is a 95% percentile "
-             "bootstrap over test images. Temperature scaling is fitted on validation.", "",
-             "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += _comparison_lines(comparisons) + shift_lines(shift or {}) + diversity_lines(diversity or {})
-    lines += _figure_lines(list(summaries), bool(shift))
-    write_text(out_md, "\n".join(lines) + "\n")
-    write_text(out_csv, _csv_text([_csv_row(n, s, costs[n], published.get(n)) for n, s in summaries.items()]))

@@ -1,4 +1,4 @@
-"""Figures and summary tables of the shift stage, drawn only from shift.json and diversity.json.
+"""Figures of the shift stage, drawn only from shift.json and diversity.json.
 
 `plot_shift` follows Ovadia et al. (2019, Fig. 2): accuracy and ECE against the severity of
 the corruption (0: the clean test images), one box per experiment and severity over the
@@ -10,18 +10,14 @@ grow under shift.
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from ..corruptions import SEVERITIES  # noqa: E402
-from ..formats import DiversitySummary, EnsembleSummary, ShiftSummary  # noqa: E402
-from .report import _style, save_figure  # noqa: E402
-
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f")
+from ...files.ensemble_summary import EnsembleSummary
+from ...files.shift_summary import DiversitySummary, ShiftSummary
+from ...transforms.corruptions import SEVERITIES
+from .plotting import PALETTE, save_figure, style_axes
 
 
 def _values(summary: ShiftSummary, which: str, metric: str) -> list[np.ndarray]:
@@ -54,7 +50,7 @@ def plot_shift(shift_jsons: dict, out_paths, dpi: int) -> None:
             )
             for box in parts["boxes"]:
                 box.set(facecolor=color, alpha=0.35 if which == "single_mean" else 0.85, edgecolor=color)
-        _style(ax, "", label)
+        style_axes(ax, "", label)
     axes[1].set_xticks(np.arange(len(SEVERITIES) + 1), ["clean"] + [str(s) for s in SEVERITIES])
     axes[1].set_xlabel("corruption severity (boxes: spread over corruptions)")
     handles = [
@@ -124,7 +120,7 @@ def _gain_by_k(ax, ensemble: EnsembleSummary) -> None:
     )
     ax.axhline(0, color="gray", linewidth=0.8)
     ax.set_xticks(k)
-    _style(ax, "ensemble size k", "gain over its single models (points)")
+    style_axes(ax, "ensemble size k", "gain over its single models (points)")
     ax.set_title("test accuracy gain of the ensemble", fontsize=10)
     ax.legend(frameon=False, fontsize=8)
 
@@ -150,7 +146,7 @@ def _under_shift(ax, diversity: DiversitySummary) -> None:
         label="NLL gain of averaging (nats x 100)",
     )
     ax.set_xticks(x, labels)
-    _style(ax, "corruption severity", "")
+    style_axes(ax, "corruption severity", "")
     ax.set_title("diversity under shift", fontsize=10)
     ax.legend(frameon=False, fontsize=8)
 
@@ -174,59 +170,3 @@ def plot_diversity(diversity_json, ensemble_json, experiment: str, out_paths, dp
 
 
 # ------------------------------------------------------------------ summary.md sections
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-def shift_lines(shift_jsons: dict) -> list[str]:
-    if not shift_jsons:
-        return []
-    lines = [
-        "",
-        "## Distribution shift (corrupted test images)",
-        "",
-        "Accuracy of the mean single model → the chosen ensemble, averaged over corruptions; the "
-        "gain's interval is a paired 95% bootstrap over images. mCE: corruption error relative to "
-        "the baseline's mean single model (lower is better; the baseline's single models are 1).",
-        "",
-        "| experiment | clean | "
-        + " | ".join(f"severity {s}" for s in SEVERITIES)
-        + " | gain at severity 5 | ECE clean → severity 5 (ensemble) | mCE single / ensemble |",
-        "|" + "---|" * (len(SEVERITIES) + 5),
-    ]
-    for name, path in shift_jsons.items():
-        s = ShiftSummary.load(path)
-        cells = [f"{100 * s.clean.single_mean.accuracy:.1f} → {100 * s.clean.ensemble.accuracy:.1f}"]
-        cells += [f"{100 * g.single_accuracy:.1f} → {100 * g.ensemble_accuracy:.1f}" for g in s.by_severity]
-        last = s.by_severity[-1]
-        ece5 = np.mean([x.ensemble.ece for x in s.sets if x.severity == SEVERITIES[-1]])
-        ce = s.corruption_error
-        mce = f"{_number(ce.mce_single)} / {_number(ce.mce_ensemble)}" if ce else "-"
-        lines.append(
-            f"| {name} | "
-            + " | ".join(cells)
-            + f" | {100 * last.gain:+.2f} [{100 * last.ci[0]:+.2f}, {100 * last.ci[1]:+.2f}] | "
-            f"{100 * s.clean.ensemble.ece:.2f}% → {100 * ece5:.2f}% | {mce} |"
-        )
-    return lines
-
-
-def diversity_lines(diversity_jsons: dict) -> list[str]:
-    if not diversity_jsons:
-        return []
-    lines = [
-        "",
-        "## Member diversity (test split)",
-        "",
-        "| experiment | pairwise disagreement | mean KL | oracle accuracy | mean member accuracy | "
-        "NLL: mean member → averaged (gain) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, path in diversity_jsons.items():
-        t = DiversitySummary.load(path).test
-        lines.append(
-            f"| {name} | {100 * t.disagreement:.2f}% | {t.kl:.3f} | {100 * t.oracle_accuracy:.2f}% | "
-            f"{100 * t.mean_member_accuracy:.2f}% | {t.mean_member_nll:.3f} → {t.ensemble_nll:.3f} "
-            f"({t.gain:.3f}) |"
-        )
-    return lines

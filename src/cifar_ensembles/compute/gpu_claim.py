@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 LOCK_DIR_ENV = "CIFAR_ENSEMBLES_GPU_LOCK_DIR"
 LOCK_PREFIX = "cifar-ensembles-gpu-"

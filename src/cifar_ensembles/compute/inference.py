@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .augment import normalize_tensor
+from ..transforms.augment import normalize_tensor
 from .device import autocast, to_channels_last, uses_channels_last
 
 

@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def resolve_device(name: str) -> torch.device:

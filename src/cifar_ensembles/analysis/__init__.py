@@ -1,0 +1,7 @@
+"""Pure functions on arrays of class probabilities: votes and ensemble curves (`votes`),
+scores, calibration and bootstrap intervals (`metrics`), scores under shift and the
+corruption error (`shift_metrics`), and how members disagree (`diversity`).
+
+May import: numpy and each other; no files, no torch, no config. The public entry points are
+re-exported at `cifar_ensembles.ensemble` and `cifar_ensembles.metrics`.
+"""
