@@ -7,21 +7,26 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
+import typing
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 import yaml
 from conftest import ROOT, SCHEMA, TEST_CONFIGS, load_config, tiny_spec, training_spec
 
 from cifar_ensembles.config.check import validate_config
-from cifar_ensembles.config.convert import from_data, from_json, to_data, to_json
+from cifar_ensembles.config.convert import from_data, from_json, spec, to_data, to_json
+from cifar_ensembles.config.schema import build_schema, schema_text
 from cifar_ensembles.config.spec import (
     EXPERIMENT_OWN_KEYS,
     RuntimeSpec,
     TrainingSpec,
+    UnusedWhen,
     deep_merge,
     resolve,
     result_spec,
+    unused_rule,
 )
 from cifar_ensembles.errors import UserError
 
@@ -161,26 +166,72 @@ CHOICES = {
                             scheduler={"name": "cosine", "warmup_epochs": 1},
                             augment={"name": "albumentations"}),
     "sam-adam": dict(optimizer={"name": "sam", "base": "adam"}, augment={"name": "torchvision", "pad": 0}),
+    "imagenet-resnet": dict(model={"name": "resnet18", "pretrained": True, "input_size": 64}),
 }
 
 
-@pytest.mark.parametrize("choice", list(CHOICES))
-def test_result_spec_changes_exactly_when_a_used_field_changes(choice):
-    """Change every leaf of the training spec in turn: the result spec changes iff it holds the leaf."""
-    spec = tiny_spec(**CHOICES[choice])
-    base = to_data(spec)
-    key = result_spec(spec)
-    for path in leaf_paths(base):
-        node = key
-        for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
-        value = base
-        for part in path:
-            value = value[part]
-        if isinstance(value, str):
-            continue  # names choose the branch; covered by the choices above
-        other = result_spec(from_data(TrainingSpec, with_leaf(base, path, changed(value))))
-        assert (other != key) == (node is not None), f"{'.'.join(path)} under {choice}"
+def training_leaves(tp=TrainingSpec, prefix=()):
+    """Every leaf field of the training spec (a section with a rule of its own is one leaf)."""
+    hints = typing.get_type_hints(tp)
+    for field in dataclasses.fields(tp):
+        if dataclasses.is_dataclass(hints[field.name]) and unused_rule(tp, field.name) is None:
+            yield from training_leaves(hints[field.name], (*prefix, field.name))
+        else:
+            yield (*prefix, field.name)
+
+
+def declared_unused(spec, path) -> bool:
+    """Whether a rule beside some field on `path` says the leaf cannot change the result."""
+    section = spec
+    for name in path:
+        rule = unused_rule(type(section), name)
+        if rule is not None and rule(section):
+            return True
+        section = getattr(section, name)
+    return False
+
+
+def perturbed(value):
+    if isinstance(value, dict):  # a whole section under one rule (augment.cutout)
+        key = next(iter(value))
+        return {**value, key: perturbed(value[key])}
+    return changed(value)
+
+
+def test_every_training_field_decides_the_result_unless_its_rule_says_unused():
+    """Walk every leaf field of the training spec under every choice: changing it changes the
+    result spec exactly when no rule beside a field on its path says it is unused, and every
+    leaf decides the result under at least one choice (a rule that always holds is a bug)."""
+    leaves = list(training_leaves())
+    assert ("optimizer", "betas") in leaves and ("augment", "cutout") in leaves and len(leaves) > 30
+    deciding = set()
+    for choice, overrides in CHOICES.items():
+        spec = tiny_spec(**overrides)
+        base, key = to_data(spec), result_spec(spec)
+        for path in leaves:
+            value = base
+            for part in path:
+                value = value[part]
+            if isinstance(value, str):
+                deciding.add(path) if not declared_unused(spec, path) else None
+                continue  # names choose the branch; the choices above cover them
+            other = result_spec(from_data(TrainingSpec, with_leaf(base, path, perturbed(value))))
+            used = not declared_unused(spec, path)
+            assert (other != key) == used, f"{'.'.join(path)} under {choice}"
+            deciding |= {path} if used else set()
+    assert deciding == set(leaves), f"never decide the result: {sorted(set(leaves) - deciding)}"
+
+
+def test_a_field_without_a_rule_decides_the_result():
+    """A field added later without a rule is part of the result spec: it reruns training."""
+    @spec
+    class Later:
+        lr: float
+        new_knob: int
+        unused: Annotated[int, UnusedWhen(lambda s: s.new_knob == 0)]
+
+    assert result_spec(Later(lr=0.1, new_knob=3, unused=1)) == {"lr": 0.1, "new_knob": 3, "unused": 1}
+    assert result_spec(Later(lr=0.1, new_knob=0, unused=1)) == {"lr": 0.1, "new_knob": 0}
 
 
 def test_result_spec_keeps_the_branch_names():
@@ -234,6 +285,39 @@ def _default_of(args: ast.arguments, arg: ast.arg):
 
 def test_the_schema_has_no_defaults():
     assert "default:" not in SCHEMA.read_text()
+
+
+def test_the_schema_file_is_generated_from_the_specs():
+    """workflow/schemas/config.schema.yaml is what the specs' annotations generate today."""
+    assert SCHEMA.read_text() == schema_text(), (
+        "stale schema: python -m cifar_ensembles.config.schema > workflow/schemas/config.schema.yaml")
+
+
+@pytest.mark.parametrize("name", list(CONFIG_FILES))
+def test_the_generated_schema_accepts_the_shipped_configs(name):
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(build_schema())
+    assert [e.message for e in validator.iter_errors(load_config(*CONFIG_FILES[name]))] == []
+
+
+@pytest.mark.parametrize("edit, where", [
+    (lambda c: c["training"]["optimizer"].update(lr=-1), ["training", "optimizer", "lr"]),
+    (lambda c: c["experiments"]["single_asam"]["optimizer"].update(lrr=1),
+     ["experiments", "single_asam", "optimizer"]),
+    (lambda c: c["runtime"].update(jobs_per_gpu=3), ["runtime", "jobs_per_gpu"]),
+    (lambda c: c["ensemble"].update(ece_bins=1), ["ensemble", "ece_bins"]),
+    (lambda c: c["experiments"]["ensemble_adam"].update(seeds=[0, 0]), ["experiments", "ensemble_adam", "seeds"]),
+])
+def test_the_generated_schema_and_the_specs_refuse_the_same_values(edit, where):
+    from jsonschema import Draft202012Validator
+
+    config = load_config()
+    edit(config)
+    errors = list(Draft202012Validator(build_schema()).iter_errors(config))
+    assert errors and list(errors[0].absolute_path)[:len(where)] == where
+    with pytest.raises(UserError, match="^" + r"\.".join(where)):
+        validate_config(config)
 
 
 def test_the_cli_has_no_defaults_for_config_values():
