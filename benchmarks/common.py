@@ -74,7 +74,7 @@ def error_line(log_text: str) -> str:
     its traceback), else its last non-empty line."""
     lines = [line.strip() for line in log_text.splitlines() if line.strip()]
     errors = [line for line in lines if ERROR_LINE.match(line)]
-    return (errors or lines or ["(no output)"])[-1][:300]
+    return (errors or lines or ["(no output on stderr)"])[-1][:300]
 
 
 # ----------------------------------------------------------------------------- specs

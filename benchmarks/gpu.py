@@ -19,7 +19,8 @@ measurement), so a run cut off by a time limit still returns what it measured:
    graphs and recompiles (expected 2 and 1 for ASAM, whose second pass freezes BatchNorm's
    statistics; 1 and 0 for Adam), the growth of BatchNorm's num_batches_tracked over the
    measured steps (must equal their number), and the largest loss difference from eager
-   over the first 4 steps (same seed, same batches). single_asam's step is also set
+   over the first 6 steps (same seed, same batches; CUDA graphs are recorded on the second
+   and replayed from the third). single_asam's step is also set
    against plain SGD's (the same run with SGD, no EMA).
 2. `resnet18_224` (floor 40 s, cap 90 s): both recipes eager at batch 16 on the network the
    default config trains: torchvision resnet18 at 224 px (random weights: none needed).
@@ -93,7 +94,7 @@ from .common import (
 GOAL_B512 = 80_000
 RECIPES = ("single_asam", "ensemble_adam")
 DEFAULT_BUDGET = 420.0  # seconds for everything gpu.sh runs, MPS phase included
-FIRST_STEPS = 4  # steps whose losses are compared with eager
+FIRST_STEPS = 6  # steps whose losses are compared with eager (CUDA graphs record on the 2nd)
 # name: (floor, cap) in seconds, in the order they run (most valuable first)
 SECTIONS = {"recipes": (150, 300), "resnet18_224": (40, 90), "channels_last": (35, 90),
             "b512": (45, 120), "concurrent": (70, 150)}
@@ -392,11 +393,12 @@ class Worker:
             message = self.lines.get(timeout=max(timeout, 0.1))
         except queue.Empty:
             self.kill()
-            raise WorkerError(f"no answer within {max(timeout, 0):.0f} s (killed; log "
-                              f"{self.log_path.name}: {error_line(self.log_text())})") from None
+            raise WorkerError(f"no answer in the time left ({max(timeout, 0):.0f} s): killed "
+                              f"(its log: {self.log_path.name})") from None
         if message is None:
             code = self.proc.wait()
-            raise WorkerError(f"exited ({code}): {error_line(self.log_text())}")
+            raise WorkerError(f"exited ({code}): {error_line(self.log_text())} "
+                              f"(its log: {self.log_path.name})")
         if errors and message.get("error"):
             raise WorkerError(message["error"])
         return message
@@ -438,6 +440,13 @@ class Run:
         self.log_dir = Path(json_path).with_name(Path(json_path).stem + "_logs")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.start = time.time()
+        self.current = None  # the section running
+
+    def interrupted(self, err: BaseException) -> None:
+        """Record why the run stopped early (SIGTERM from a time limit, Ctrl-C)."""
+        why = "SIGTERM (a time limit)" if isinstance(err, SystemExit) and err.code == 128 + signal.SIGTERM \
+            else first_line(err)
+        self.error("interrupted", f"{why} during {self.current or 'set-up'}")
 
     def left(self) -> float:
         return self.deadline - time.time()
@@ -465,6 +474,7 @@ class Run:
             return
         timeout = min(cap, left)
         log(f"{name} (at most {timeout:.0f} s) ...")
+        self.current = name
         start = time.monotonic()
         status[name] = {"status": "running", "timeout": round(timeout)}
         self.save()
@@ -478,6 +488,7 @@ class Run:
             state = "error"
         seconds = round(time.monotonic() - start, 1)
         status[name] = {"status": state, "seconds": seconds, "timeout": round(timeout)}
+        self.current = None
         self.save()
 
 
@@ -536,9 +547,15 @@ def recipes(run: Run, timeout: float, z: dict, data_path: str) -> None:
         for name in compiling:
             with contextlib.suppress(OSError):
                 alive[name].send({"compile": True})
+        compile_start = time.monotonic()
+        measuring = len(compiling) * (z["seconds"] + 5)  # kept for measuring what compiled
         for name in compiling:
             ro = out[name]["reduce_overhead"]
-            r = ask(name, "compile", None, left())
+            r = ask(name, "compile", None, left() - measuring)
+            if r.get("error", "").startswith("no answer"):
+                r["error"] = (f"not compiled {time.monotonic() - compile_start:.0f} s after it began, when "
+                              f"the section's time ran out: {r['error']}")
+                run.results["errors"][f"recipes.{name}.compile"] = r["error"]
             ro.update({k: v for k, v in r.items() if k in COMPILED_KEYS})
             if r.get("error"):
                 continue
@@ -729,7 +746,7 @@ def main(argv=None) -> int:
             run.section("b512", b512, z)
             run.section("concurrent", concurrent, "concurrent", z, path)
     except BaseException as err:  # SIGTERM, Ctrl-C: keep what was measured
-        run.error("interrupted", first_line(err))
+        run.interrupted(err)
         raise
     finally:
         run.save()
@@ -782,7 +799,8 @@ def mps_phase(a, z: dict, json_path: str, deadline: float) -> int:
             run.error("concurrent_mps", first_line(err))
             state = "error"
         except BaseException as err:
-            run.error("interrupted", first_line(err))
+            run.current = "mps"
+            run.interrupted(err)
             raise
         finally:
             results["mps_phase_seconds"] = time.time() - start
@@ -791,7 +809,7 @@ def mps_phase(a, z: dict, json_path: str, deadline: float) -> int:
                                       "timeout": round(timeout)}
     results["mps_phase_seconds"] = time.time() - start
     run.save()
-    print(report(results))
+    print(report(results, only="MPS"))
     print(f"\nJSON: {json_path}")
     return 1 if results["errors"].get("concurrent_mps") else 0
 
@@ -828,7 +846,9 @@ def summarize(r: dict) -> None:
     })
 
 
-def report(r: dict) -> str:
+def report(r: dict, only: str | None = None) -> str:
+    """The header (device, sections, MPS, skips, errors) and the table of measures (only
+    the rows whose note contains `only`, when given)."""
     smoke = r.get("smoke")
     rows = []
     for name in RECIPES:
@@ -843,13 +863,13 @@ def report(r: dict) -> str:
             (f"{name} reduce-overhead / eager", ro.get("speedup_vs_eager"), ""),
             (f"{name} compile seconds", ro.get("compile_seconds"), "first step, both recipes compiling"),
             (f"{name} cudagraph_skips", ro.get("cudagraph_skips"),
-             f"expected 0; or_error {'on' if ro.get('cudagraph_or_error') else 'off'}"),
+             f"expected 0; cudagraph_or_error {ONOFF[ro.get('cudagraph_or_error')]}"),
             (f"{name} graphs / recompiles",
              f"{fmt_none(ro.get('graphs'))} / {fmt_none(ro.get('recompiles'))}",
              "expected {graphs} / {recompiles}".format(**EXPECTED[name])),
             (f"{name} num_batches_tracked_growth", ro.get("num_batches_tracked_growth"),
              f"must equal the measured steps ({fmt_none(ro.get('measured_steps'))})"),
-            (f"{name} loss_diff_vs_eager", ro.get("loss_diff_vs_eager"),
+            (f"{name} loss_diff_vs_eager", sci(ro.get("loss_diff_vs_eager")),
              f"max over the first {FIRST_STEPS} steps"),
             (f"{name} compiled checks", CHECKS[ro.get("checks_passed")], ""),
         ]
@@ -885,16 +905,23 @@ def report(r: dict) -> str:
         head += "\nskipped: " + "; ".join(r["skipped"])
     for key, err in (r.get("errors") or {}).items():
         head += f"\nERROR in {key}: {err[:300]}"
+    if only is not None:
+        rows = [row for row in rows if only in row[2]]
     return head + "\n\n" + table(rows, ("measure", "value", "note"))
 
 
 CHECKS = {True: "passed", False: "FAILED", None: None}
+ONOFF = {True: "on", False: "off (not in this torch)", None: "-"}
 
 
 def section_state(name: str, s) -> str:
     if not isinstance(s, dict):
         return f"{name} {s}"
     return f"{name} {s['status']}" + (f" ({s['seconds']:.0f} s)" if s.get("seconds") else "")
+
+
+def sci(value) -> str | None:
+    return None if value is None else f"{value:.2e}"
 
 
 def fmt_none(value) -> str:

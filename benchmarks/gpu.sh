@@ -25,7 +25,7 @@ else PY=python3
 fi
 export NO_ALBUMENTATIONS_UPDATE=1
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-MPS_FLOOR=60  # as benchmarks/gpu.py's MPS_FLOOR
+MPS_FLOOR=60  # as benchmarks/gpu.py's MPS_FLOOR (SMOKE_FLOOR on a smoke run)
 
 smoke=0
 json=""
@@ -47,12 +47,17 @@ if [[ -z "$json" ]]; then
     fi
     args+=(--json "$json")
 fi
+if ((smoke)); then MPS_FLOOR=10; fi
 start=$(date +%s)
 deadline=$((start + ${budget%.*}))
 left() { echo $((deadline - $(date +%s))); }
 logs="${json%.json}_logs"
 mkdir -p "$logs"
-exec > >(tee -a "$logs/gpu_sh.log") 2>&1
+# tee ignores the time limit's SIGTERM, so the last lines still reach the log and the screen
+exec > >(trap '' TERM INT; exec tee -a "$logs/gpu_sh.log") 2>&1
+# A time limit's SIGTERM reaches python too (same process group: timeout --foreground below),
+# which saves the JSON and kills its workers; then the EXIT trap stops MPS.
+trap 'exit 143' TERM INT
 
 # ------------------------------------------------------------- what this machine is, first
 echo "gpu.sh: $(date -u +%FT%TZ), budget ${budget%.*} s, JSON $json, logs $logs/"
@@ -72,7 +77,7 @@ fi
 status=0
 # ------------------------------------------------- main phase: every section but MPS
 set +e
-timeout -k 10 $(($(left) + 20)) "$PY" -m benchmarks.gpu --deadline "$deadline" "${args[@]}"
+timeout --foreground -k 10 $(($(left) + 20)) "$PY" -m benchmarks.gpu --deadline "$deadline" "${args[@]}"
 status=$?
 set -e
 if ((status == 124 || status == 137)); then
@@ -94,11 +99,10 @@ stop_mps() {
     fi
 }
 trap stop_mps EXIT
-trap 'exit 143' TERM INT
 
 mps_phase() {
     local rc=0
-    timeout -k 10 $(($(left) + 20)) "$PY" -m benchmarks.gpu --phase mps --deadline "$deadline" "$@" "${args[@]}" \
+    timeout --foreground -k 10 $(($(left) + 20)) "$PY" -m benchmarks.gpu --phase mps --deadline "$deadline" "$@" "${args[@]}" \
         || rc=$?
     if ((rc != 0)); then
         echo "gpu.sh: the MPS phase exited $rc"

@@ -111,7 +111,8 @@ CONFIG_CASES = {
                         ["training.batch_size: 0 is less than the minimum of 1"]),
     "epochs_zero": ({EXP: {"ensemble_adam": {"epochs": 0}}},
                     ["experiments.ensemble_adam.epochs: 0 is less than the minimum of 1"]),
-    "seeds_empty": ({EXP: {"ensemble_adam": {"seeds": []}}}, ["experiments.ensemble_adam.seeds: expected at least 1 value(s), got 0"]),
+    "seeds_empty": ({EXP: {"ensemble_adam": {"seeds": []}}},
+                    ["experiments.ensemble_adam.seeds: expected at least 1 value(s), got 0"]),
     "seeds_duplicate": ({EXP: {"ensemble_adam": {"seeds": [0, 1, 1]}}},
                         ["experiments.ensemble_adam.seeds: [0, 1, 1] has non-unique elements"]),
     "seeds_negative": ({EXP: {"ensemble_adam": {"seeds": [-1]}}}, ["experiments.ensemble_adam.seeds[0]"]),
@@ -327,7 +328,8 @@ def rebuild(path: Path) -> str:
 
 
 def source_json(source=None, md5: str | None = None) -> str:
-    return to_json(SourceSpec(source=None if source is None else str(source), url=None, md5=md5))
+    return to_json(SourceSpec(source=None if source is None else str(source), url=None, md5=md5,
+                              own_dataset=False))
 
 
 def split_json(val_size: int, train: int | None = None, test: int | None = None) -> str:

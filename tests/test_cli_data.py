@@ -19,7 +19,7 @@ ERROR_PREFIX = "cifar-ensembles download: error:"
 
 
 def source_json(source, md5: str | None) -> str:
-    return to_json(SourceSpec(source=str(source), url=None, md5=md5))
+    return to_json(SourceSpec(source=str(source), url=None, md5=md5, own_dataset=False))
 
 
 def split_json(val_size: int, split_seed: int = 0, train: int | None = None, test: int | None = None) -> str:

@@ -329,10 +329,11 @@ def test_download_stage_takes_url_and_md5_from_its_spec(tiny_cifar, http_root, o
     # the spec's md5 is the one checked: a wrong one fails, the tiny archive's own passes
     # (torchvision's would not)
     with pytest.raises(UserError, match="data.url") as err:
-        download_dataset("cifar10", SourceSpec(source=None, url=url, md5="f" * 32), out)
+        download_dataset("cifar10", SourceSpec(source=None, url=url, md5="f" * 32, own_dataset=False), out)
     assert url in str(err.value)
     assert_nothing_left(out)
-    assert download_dataset("cifar10", SourceSpec(source=None, url=url, md5=md5), out) == out
+    spec = SourceSpec(source=None, url=url, md5=md5, own_dataset=False)
+    assert download_dataset("cifar10", spec, out) == out
     assert_cifar_matches(load_raw("cifar10", out), archive)
 
 

@@ -432,7 +432,8 @@ def test_summary_cli_with_published_null(case, tmp_path):
 
 def test_summary_with_empty_comparisons(case, tmp_path):
     empty = tmp_path / "comparisons.json"
-    empty.write_text(json.dumps({"format": "cifar-ensembles/comparisons-1", "test": "exact McNemar", "pairs": []}))
+    empty.write_text(json.dumps({"format": "cifar-ensembles/comparisons-1", "test": "exact McNemar",
+                                 "pairs": []}))
     out_md, out_csv = tmp_path / "summary.md", tmp_path / "summary.csv"
     assert run_summary(case, out_md, out_csv, comparisons=empty) == 0
     assert "Paired comparisons" not in out_md.read_text()

@@ -97,9 +97,9 @@ def test_missing_unknown_and_mistyped_fields_are_named():
     with pytest.raises(UserError, match=r"^t\.optimizer\.lr: missing$"):
         from_data(TrainingSpec, deep_merge(good, {"optimizer": {}}) | {
             "optimizer": {k: v for k, v in good["optimizer"].items() if k != "lr"}}, "t")
-    with pytest.raises(UserError, match=r"^t\.loss\.gama: unknown key; did you mean 'gamma_pos'\? \(allowed: "):
+    with pytest.raises(UserError, match=r"^t\.loss\.gama: unknown key; did you mean 'gamma_pos'\? "):
         from_data(TrainingSpec, deep_merge(good, {"loss": {"gama": 1}}), "t")
-    with pytest.raises(UserError, match=r"^t\.epochs: expected an integer, got \"3\" \(a number in quotes is text"):
+    with pytest.raises(UserError, match=r"^t\.epochs: expected an integer, got \"3\" \(a number in quotes"):
         from_data(TrainingSpec, deep_merge(good, {"epochs": "3"}), "t")
     with pytest.raises(UserError, match=r"^t\.ema\.enabled: expected true or false, got 1$"):
         from_data(TrainingSpec, deep_merge(good, {"ema": {"enabled": 1}}), "t")
@@ -307,7 +307,8 @@ def test_the_generated_schema_accepts_the_shipped_configs(name):
      ["experiments", "single_asam", "optimizer"]),
     (lambda c: c["runtime"].update(jobs_per_gpu=3), ["runtime", "jobs_per_gpu"]),
     (lambda c: c["ensemble"].update(ece_bins=1), ["ensemble", "ece_bins"]),
-    (lambda c: c["experiments"]["ensemble_adam"].update(seeds=[0, 0]), ["experiments", "ensemble_adam", "seeds"]),
+    (lambda c: c["experiments"]["ensemble_adam"].update(seeds=[0, 0]),
+     ["experiments", "ensemble_adam", "seeds"]),
 ])
 def test_the_generated_schema_and_the_specs_refuse_the_same_values(edit, where):
     from jsonschema import Draft202012Validator

@@ -177,7 +177,7 @@ def md5(path: Path) -> str:
 
 # ----------------------------------------------------------------- stage arguments
 def source_json(archive: Path, md5_hex: str) -> str:
-    return to_json(SourceSpec(source=str(archive), url=None, md5=md5_hex))
+    return to_json(SourceSpec(source=str(archive), url=None, md5=md5_hex, own_dataset=False))
 
 
 def download_args(dataset: str, archive: Path, md5_hex: str, out: Path) -> list:

@@ -177,7 +177,8 @@ def _message(tp, error: dict, path: str) -> UserError:
     if kind in ("missing", "missing_argument", "missing_keyword_only_argument"):
         return UserError(f"{where}: missing")
     options = _options(_type_at(tp, loc)) if kind == "literal_error" else ()
-    return UserError(f"{where}: {_problem(kind, error.get('input'), error.get('ctx') or {}, options, error['msg'])}")
+    problem = _problem(kind, error.get("input"), error.get("ctx") or {}, options, error["msg"])
+    return UserError(f"{where}: {problem}")
 
 
 def path_of(path: str, loc: tuple) -> str:
