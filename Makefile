@@ -43,7 +43,7 @@ lint: $(STAMP)
 # Redraw figures and tables from existing predictions (retrains nothing).
 report: $(STAMP)
 	$(BIN)/snakemake --cores all --forcerun plot_training_curves plot_ensemble_curve plot_reliability \
-		plot_accuracy plot_cost plot_shift plot_diversity summary
+		plot_accuracy plot_cost plot_shift plot_diversity plot_ood plot_selective summary
 	$(BIN)/snakemake --report report.html
 
 clean:

@@ -14,6 +14,7 @@ wildcard_constraints:
     seed=r"\d+",
     split="val|test",
     corruption=r"[a-z][a-z0-9_]*",
+    oodset=r"[a-z][a-z0-9_]*",
 
 
 include: "workflow/rules/download.smk"
@@ -22,6 +23,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/predict.smk"
 include: "workflow/rules/ensemble.smk"
 include: "workflow/rules/shift.smk"
+include: "workflow/rules/ood.smk"
 include: "workflow/rules/report.smk"
 
 

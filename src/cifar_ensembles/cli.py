@@ -17,9 +17,11 @@ import sys
 from .config.convert import from_json
 from .config.spec import (
     EnsembleSpec,
+    OodSetSpec,
     PredictSpec,
     PublishedSpec,
     RuntimeSpec,
+    SelectiveSpec,
     ShiftSetSpec,
     SourceSpec,
     SplitSpec,
@@ -34,6 +36,7 @@ EXIT_PREEMPTED = 75
 # The shapes of the JSON file maps the rules pass, checked like specs.
 FILES_BY_EXPERIMENT = dict[str, str]  # {experiment: ensemble.json}
 FILES_BY_CORRUPTION = dict[str, str]  # {corruption: file}
+FILES_BY_SET = dict[str, str]  # {OOD set: file, or its kind}
 RUN_FILES = dict[str, dict[str, dict[str, str]]]  # {experiment: {seed: {benchmark: tsv, history: csv}}}
 PROBS_BY_SEED = dict[str, dict[str, str]]  # {experiment: {seed: probs_test.npy}}
 
@@ -143,6 +146,38 @@ def cmd_diversity(a) -> None:
                       from_json(FILES_BY_CORRUPTION, a.sets, "--sets"), a.out)
 
 
+def cmd_ood_set(a) -> None:
+    from .stages.ood import make_ood_set
+
+    x = make_ood_set(a.name, _spec(OodSetSpec, a.spec), a.data, a.out)
+    print(f"{a.name}: {len(x)} images of {' x '.join(map(str, x.shape[1:]))} -> {a.out}", file=sys.stderr)
+
+
+def cmd_predict_ood(a) -> None:
+    from .compute.gpu_claim import SLOTS, claim_gpu_for_job
+    from .stages.predict import predict_ood
+
+    spec = _spec(PredictSpec, a.spec)
+    claim_gpu_for_job(spec.device, None, jobs_per_gpu=SLOTS)  # one slot, as predict
+    predict_ood(a.models, a.set, a.out, spec, a.threads)
+
+
+def cmd_ood(a) -> None:
+    from .stages.ood import ood_summary_to_file
+
+    ood_summary_to_file(a.experiment, a.summary, a.test, _files(FILES_BY_SET, a.ood, "--ood"),
+                        _files(FILES_BY_SET, a.sets, "--sets"), _files(FILES_BY_SET, a.kinds, "--kinds"),
+                        a.data, _spec(EnsembleSpec, a.spec), a.out)
+
+
+def cmd_selective(a) -> None:
+    from .stages.ood import selective_to_file
+
+    selective_to_file(a.experiment, a.summary, a.test, a.data,
+                      from_json(FILES_BY_CORRUPTION, a.shift, "--shift"),
+                      from_json(FILES_BY_CORRUPTION, a.sets, "--sets"), _spec(SelectiveSpec, a.spec), a.out)
+
+
 def _published(text: str, one_experiment: bool):
     """report.published (JSON): all experiments' entries, or one experiment's (or null)."""
 
@@ -192,6 +227,18 @@ def cmd_diversity_figure(a) -> None:
     shift_figures.plot_diversity(a.diversity, a.summary, a.experiment, a.out, a.dpi)
 
 
+def cmd_ood_figure(a) -> None:
+    from .stages.report import ood_figures
+
+    ood_figures.plot_ood(_files(FILES_BY_EXPERIMENT, a.summaries, "--summaries"), a.out, a.dpi)
+
+
+def cmd_selective_figure(a) -> None:
+    from .stages.report import ood_figures
+
+    ood_figures.plot_selective(a.selective, a.experiment, a.out, a.dpi)
+
+
 def cmd_summary(a) -> None:
     from .stages.report import summary
 
@@ -201,8 +248,10 @@ def cmd_summary(a) -> None:
         raise UserError("--runs: must name the same experiments as --experiments")
     shift = from_json(FILES_BY_EXPERIMENT, a.shift, "--shift")
     diversity = from_json(FILES_BY_EXPERIMENT, a.diversity, "--diversity")
+    ood = from_json(FILES_BY_EXPERIMENT, a.ood, "--ood")
+    selective = from_json(FILES_BY_EXPERIMENT, a.selective, "--selective")
     summary.write_summary(experiments, runs, a.comparisons, _published(a.published, False), *a.out,
-                          shift=shift, diversity=diversity)
+                          shift=shift, diversity=diversity, ood=ood, selective=selective)
 
 
 def _add_report_parsers(sub) -> None:
@@ -240,6 +289,12 @@ def _add_report_parsers(sub) -> None:
     s.add_argument("--experiment", required=True)
     s.add_argument("--diversity", required=True, help="diversity.json")
     s.add_argument("--summary", required=True, help="ensemble.json")
+    s = figure("ood", "ROC curves and AUROC against ensemble size per OOD set, every experiment",
+               cmd_ood_figure)
+    s.add_argument("--summaries", required=True, help="{name: ood.json}")
+    s = figure("selective", "risk-coverage curves of one experiment", cmd_selective_figure)
+    s.add_argument("--experiment", required=True)
+    s.add_argument("--selective", required=True, help="selective.json")
     s = what.add_parser("summary", help="summary.md and summary.csv")
     s.set_defaults(func=cmd_summary)
     s.add_argument("--experiments", required=True, help="{name: ensemble.json}")
@@ -247,6 +302,9 @@ def _add_report_parsers(sub) -> None:
     s.add_argument("--comparisons", required=True, help="comparisons.json")
     s.add_argument("--shift", required=True, help="{name: shift.json} ({} when the shift stage is off)")
     s.add_argument("--diversity", required=True, help="{name: diversity.json}")
+    # file maps, not config values: the rule always passes them; without them, no such section
+    s.add_argument("--ood", default="{}", help="{name: ood.json} ({}: the OOD stage is off)")
+    s.add_argument("--selective", default="{}", help="{name: selective.json} ({}: no such section)")
     s.add_argument("--published", required=True, help="report.published (JSON)")
     s.add_argument("--out", nargs=2, required=True, metavar=("MD", "CSV"))
 
@@ -354,12 +412,52 @@ def _add_shift_parsers(sub) -> None:
     s.set_defaults(func=cmd_diversity)
 
 
+def _add_ood_parsers(sub) -> None:
+    s = sub.add_parser("ood-set", help="one OOD set at the test split's shape")
+    s.add_argument("--name", required=True, help="the set's name in ood.sets")
+    s.add_argument("--spec", required=True, help="{images, seed, set} (JSON)")
+    s.add_argument("--data", required=True, help="data.npz (the test split's shape)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_ood_set)
+
+    s = sub.add_parser("predict-ood", help="one experiment's members on one OOD set")
+    s.add_argument("--set", required=True)
+    s.add_argument("--models", required=True, nargs="+", help="model.pt per seed, in seed order")
+    s.add_argument("--out", required=True)
+    s.add_argument("--spec", required=True, help="{device, batch_size} (JSON)")
+    s.add_argument("--threads", required=True, type=int)
+    s.set_defaults(func=cmd_predict_ood)
+
+    s = sub.add_parser("ood", help="OOD detection: scores, AUROC/AUPR/FPR95, single vs ensemble, by size")
+    s.add_argument("--experiment", required=True)
+    s.add_argument("--summary", required=True, help="ensemble.json")
+    s.add_argument("--test", required=True, nargs="+", help="probs_test.npy per seed, in seed order")
+    s.add_argument("--ood", required=True, help="{set: OOD probabilities .npy}")
+    s.add_argument("--sets", required=True, help="{set: prepared set .npz}")
+    s.add_argument("--kinds", required=True, help="{set: its kind}")
+    s.add_argument("--data", required=True)
+    s.add_argument("--spec", required=True, help="the ensemble spec (JSON)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_ood)
+
+    s = sub.add_parser("selective", help="risk-coverage curves on clean and corrupted test images")
+    s.add_argument("--experiment", required=True)
+    s.add_argument("--summary", required=True, help="ensemble.json")
+    s.add_argument("--test", required=True, nargs="+", help="probs_test.npy per seed, in seed order")
+    s.add_argument("--data", required=True)
+    s.add_argument("--shift", required=True, help="{corruption: shift probabilities .npy} (may be {})")
+    s.add_argument("--sets", required=True, help="{corruption: set .npz}")
+    s.add_argument("--spec", required=True, help="the selective spec (JSON)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_selective)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cifar-ensembles", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_data_parsers, _add_model_parsers, _add_ensemble_parsers, _add_shift_parsers,
-                _add_report_parsers):
+                _add_ood_parsers, _add_report_parsers):
         add(sub)
     return p
 

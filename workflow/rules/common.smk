@@ -88,10 +88,10 @@ def member_files(name, split=None):
 
 def all_outputs():
     outputs = [SUMMARY, "results/report/summary.csv"]
-    for figure in ("accuracy", "cost") + (("shift",) if CORRUPTIONS else ()):
+    for figure in ("accuracy", "cost") + (("shift",) if CORRUPTIONS else ()) + (("ood",) if OOD_SETS else ()):
         outputs += [f"results/report/{figure}.{ext}" for ext in ("png", "svg")]
     for experiment in EXPERIMENTS:
-        for figure in ("training_curves", "ensemble_curve", "reliability", "diversity"):
+        for figure in ("training_curves", "ensemble_curve", "reliability", "diversity", "selective"):
             outputs += [f"results/report/{experiment}/{figure}.{ext}" for ext in ("png", "svg")]
     return outputs
 
@@ -144,6 +144,36 @@ def shift_summary_inputs(wildcards):
     if base is not None:
         inputs["baseline"] = [*base["test"], *base["shift"].values()]
     return inputs
+
+
+# ----------------------------------------------------------------------------- ood
+OOD_SETS = SPEC.selected_ood_sets
+
+
+def ood_set_file(name):
+    return f"resources/{DATASET}/ood/{name}.npz"
+
+
+def ood_sets():
+    """{OOD set: its prepared images}."""
+    return {s: ood_set_file(s) for s in OOD_SETS}
+
+
+def ood_kinds():
+    return {s: SPEC.ood.sets[s].kind for s in OOD_SETS}
+
+
+def ood_probs(experiment):
+    """{OOD set: the experiment's members' probabilities on it}."""
+    return {s: f"results/{experiment}/ood/{s}.npy" for s in OOD_SETS}
+
+
+def ood_jsons():
+    return {e: f"results/{e}/ood.json" for e in EXPERIMENTS} if OOD_SETS else {}
+
+
+def selective_jsons():
+    return {e: f"results/{e}/selective.json" for e in EXPERIMENTS}
 
 
 def ensemble_jsons():

@@ -172,6 +172,53 @@ rule plot_diversity:
         "--summary {input.ensemble} --dpi {params.dpi} --out {output.png} {output.svg} 2> {log}"
 
 
+rule plot_ood:
+    input:
+        list(ood_jsons().values()),
+    output:
+        png=report(
+            "results/report/ood.png",
+            caption="../report/ood.rst",
+            category="Out-of-distribution detection",
+            labels={"figure": "OOD detection: ROC and AUROC against ensemble size"},
+        ),
+        svg="results/report/ood.svg",
+    params:
+        dpi=SPEC.report.dpi,
+        summaries=json.dumps(ood_jsons()),
+    log:
+        "logs/report/ood.log",
+    localrule: True
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "cifar-ensembles report ood --summaries {params.summaries:q} --dpi {params.dpi} "
+        "--out {output.png} {output.svg} 2> {log}"
+
+
+rule plot_selective:
+    input:
+        "results/{experiment}/selective.json",
+    output:
+        png=report(
+            "results/report/{experiment}/selective.png",
+            caption="../report/selective.rst",
+            category="Selective prediction",
+            labels={"experiment": "{experiment}", "figure": "risk-coverage curves"},
+        ),
+        svg="results/report/{experiment}/selective.svg",
+    params:
+        dpi=SPEC.report.dpi,
+    log:
+        "logs/report/{experiment}_selective.log",
+    localrule: True
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "cifar-ensembles report selective --experiment {wildcards.experiment} --selective {input} "
+        "--dpi {params.dpi} --out {output.png} {output.svg} 2> {log}"
+
+
 rule summary:
     input:
         ensembles=list(ensemble_jsons().values()),
@@ -179,6 +226,8 @@ rule summary:
         comparisons="results/comparisons.json",
         shift=list(shift_jsons().values()),
         diversity=list(diversity_jsons().values()),
+        ood=list(ood_jsons().values()),
+        selective=list(selective_jsons().values()),
     output:
         md=report(SUMMARY, caption="../report/summary.rst", category="Summary",
                   labels={"figure": "summary table"}),
@@ -189,6 +238,8 @@ rule summary:
         published=published(),
         shift=json.dumps(shift_jsons()),
         diversity=json.dumps(diversity_jsons()),
+        ood=json.dumps(ood_jsons()),
+        selective=json.dumps(selective_jsons()),
     log:
         "logs/report/summary.log",
     localrule: True
@@ -197,4 +248,5 @@ rule summary:
     shell:
         "cifar-ensembles report summary --experiments {params.experiments:q} --runs {params.runs:q} "
         "--comparisons {input.comparisons} --published {params.published:q} --shift {params.shift:q} "
-        "--diversity {params.diversity:q} --out {output.md} {output.csv} 2> {log}"
+        "--diversity {params.diversity:q} --ood {params.ood:q} --selective {params.selective:q} "
+        "--out {output.md} {output.csv} 2> {log}"

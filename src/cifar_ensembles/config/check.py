@@ -119,7 +119,32 @@ def check_semantics(config: dict, spec: WorkflowSpec) -> None:
     if spec.selected_corruptions and baseline is not None and baseline not in spec.selected:
         raise UserError(f"shift.baseline: {baseline!r} is not among the experiments this run builds "
                         f"({', '.join(spec.selected)}); name one of them, or null for no corruption error")
+    _check_ood(spec)
     _check_split(spec)
+
+
+FILE_KINDS = ("svhn", "cifar100")  # OOD sets read from a file (downloaded or local)
+
+
+def _check_ood(spec: WorkflowSpec) -> None:
+    """Run sets exist; a set's keys fit its kind (files have a source or URL, noise a sigma)."""
+    for name in spec.ood.run_sets or ():
+        if name not in spec.ood.sets:
+            raise UserError(f"ood.run_sets: {name!r} is not a set in ood.sets{_suggest(name, spec.ood.sets)} "
+                            f"(sets: {', '.join(spec.ood.sets)})")
+    for name, s in spec.ood.sets.items():
+        where = f"ood.sets.{name}"
+        if s.kind not in FILE_KINDS:
+            for key in ("source", "url", "md5"):
+                if getattr(s, key) is not None:
+                    raise UserError(f"{where}.{key}: a {s.kind} set is generated, not read from a file; "
+                                    "set it to null")
+        if (s.kind == "smooth_noise") != (s.sigma is not None):
+            problem = ("required for smooth_noise (the blur in pixels)" if s.kind == "smooth_noise"
+                       else f"applies to smooth_noise only, not {s.kind}; set it to null")
+            raise UserError(f"{where}.sigma: {problem}")
+        if s.kind == "svhn" and spec.ood.images is not None and spec.ood.images > 26_032:
+            raise UserError(f"ood.images: {spec.ood.images} is more than SVHN's 26,032 test images")
 
 
 def _check_split(spec: WorkflowSpec) -> None:

@@ -241,7 +241,7 @@ class SourceSpec:
     source: str | None
     url: str | None
     md5: Md5 | None
-    own_dataset: bool = False  # config.yaml sets it; callers that omit it mean the published dataset
+    own_dataset: bool
 
 
 @spec
@@ -313,6 +313,48 @@ class ShiftSetSpec:
     corruption: CorruptionSpec
 
 
+OodSetName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
+OodKind = Literal["svhn", "cifar100", "digits", "uniform_noise", "smooth_noise"]
+
+
+@spec
+class OodSourceSpec:
+    """One named OOD set of `ood.sets`: where its images come from."""
+
+    kind: OodKind
+    source: str | None  # a local file or folder instead of downloading (svhn, cifar100)
+    url: str | None  # null: torchvision's address (svhn, cifar100)
+    md5: Md5 | None  # null: torchvision's MD5 (svhn, cifar100)
+    sigma: Annotated[float | None, Field(gt=0)]  # smooth_noise: Gaussian blur in pixels
+
+
+@spec
+class OodSpec:
+    run_sets: Annotated[tuple[str, ...] | None, AfterValidator(_unique), Unique]
+    images: Annotated[int | None, Field(ge=1)]
+    seed: Seed
+    sets: dict[OodSetName, OodSourceSpec]
+
+
+@spec
+class OodSetSpec:
+    """What one prepared OOD set depends on (a slice of OodSpec): the ood-set job's argument."""
+
+    images: Annotated[int | None, Field(ge=1)]
+    seed: Seed
+    set: OodSourceSpec
+
+
+Severity = Annotated[int, Field(ge=1, le=5)]
+Coverage = Annotated[float, Field(gt=0, le=1)]
+
+
+@spec
+class SelectiveSpec:
+    severities: Annotated[tuple[Severity, ...], AfterValidator(_unique), Unique]
+    coverages: Annotated[tuple[Coverage, ...], Field(min_length=1), AfterValidator(_unique), Unique]
+
+
 @spec
 class PublishedSpec:
     note: str
@@ -334,6 +376,8 @@ class WorkflowSpec:
     run_experiments: Annotated[tuple[str, ...] | None, Field(min_length=1), AfterValidator(_unique), Unique]
     experiments: dict[ExperimentName, ExperimentSpec]
     shift: ShiftSpec
+    ood: OodSpec
+    selective: SelectiveSpec
     ensemble: EnsembleSpec
     report: ReportSpec
 
@@ -359,6 +403,15 @@ class WorkflowSpec:
     def shift_set(self, corruption: str) -> ShiftSetSpec:
         s = self.shift
         return ShiftSetSpec(s.source, s.md5, s.images, s.seed, s.corruptions[corruption])
+
+    @property
+    def selected_ood_sets(self) -> list[str]:
+        """The OOD sets this run uses: `ood.run_sets`, else all of them."""
+        run = self.ood.run_sets
+        return list(self.ood.sets) if run is None else list(run)
+
+    def ood_set(self, name: str) -> OodSetSpec:
+        return OodSetSpec(self.ood.images, self.ood.seed, self.ood.sets[name])
 
 
 # ------------------------------------------------------------------ resolution

@@ -83,3 +83,22 @@ def predict_shift(models: list[str], set_path, out, spec: PredictSpec, threads: 
     probs = np.stack(members)
     save_npy(out, probs)
     return probs
+
+
+def predict_ood(models: list[str], set_path, out, spec: PredictSpec, threads: int) -> np.ndarray:
+    """One experiment's members on one OOD set -> members x N x C probabilities in `out` (one job
+    per experiment and OOD set: a new set predicts only itself)."""
+    from ..files.ood_data import load_ood_set
+
+    torch.set_num_threads(max(int(threads), 1))
+    x = load_ood_set(set_path)  # N x H x W x C, the test split's shape
+    members = []
+    for path in models:
+        model, record = load_model(path)
+        if x.shape[-1] != record.in_channels:
+            raise UserError(f"{path}: the model takes {record.in_channels} channels, {set_path} has "
+                            f"{x.shape[-1]}; rebuild it with: snakemake --forcerun {set_path}")
+        members.append(_probabilities(path, model, record, x, spec))
+    probs = np.stack(members)
+    save_npy(out, probs)
+    return probs

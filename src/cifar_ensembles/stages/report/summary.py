@@ -14,6 +14,7 @@ from ...files.ensemble_summary import Comparisons, EnsembleSummary
 from ...files.shift_summary import DiversitySummary, ShiftSummary
 from ...transforms.corruptions import SEVERITIES
 from .figures import cost_table
+from .ood_figures import ood_figure_lines, ood_lines, selective_lines
 
 
 def _pct(v) -> str:
@@ -126,9 +127,10 @@ def _csv_text(rows: list[dict]) -> str:
 
 def write_summary(ensemble_jsons: dict, runs: dict, comparisons_json,
                   published: dict[str, PublishedSpec] | None, out_md, out_csv,
-                  shift: dict | None = None, diversity: dict | None = None) -> None:
+                  shift: dict | None = None, diversity: dict | None = None, ood: dict | None = None,
+                  selective: dict | None = None) -> None:
     """summary.md (tables a reader can scan) and summary.csv (one row per experiment, numbers);
-    `shift` and `diversity` ({experiment: json}) add their sections when given."""
+    `shift`, `diversity`, `ood` and `selective` ({experiment: json}) add their sections when given."""
     published = published or {}
     costs = cost_table(runs)
     comparisons = Comparisons.load(comparisons_json).pairs if comparisons_json else []
@@ -141,7 +143,9 @@ def write_summary(ensemble_jsons: dict, runs: dict, comparisons_json,
              "| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += _comparison_lines(comparisons) + shift_lines(shift or {}) + diversity_lines(diversity or {})
+    lines += ood_lines(ood or {}) + selective_lines(selective or {})
     lines += _figure_lines(list(summaries), bool(shift))
+    lines += ood_figure_lines(list(summaries), bool(ood), bool(selective))
     write_text(out_md, "\n".join(lines) + "\n")
     write_text(out_csv, _csv_text([_csv_row(n, s, costs[n], published.get(n)) for n, s in summaries.items()]))
 
