@@ -1,14 +1,22 @@
-"""Shared builders and fixtures. The package is tested without Snakemake; workflow tests call it.
+"""Shared builders, references and fixtures. The package is tested without Snakemake; workflow
+tests call it through the helpers at the end (a real process where the process is the point,
+Snakemake's API in this process for plans), with the finished tiny workflows as fixtures.
 
 Specs are built from config.yaml (the one place where defaults live) with a test's
-overrides merged in, so tests exercise exactly what a user's config resolves to.
+overrides merged in, so tests exercise exactly what a user's config resolves to. The
+plain-loop references (votes, accuracy, NLL, reliability bins, ECE) are written once, here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
 import subprocess
 import sys
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +103,77 @@ def make_data(n_train: int = 96, size: int = 16, channels: int = 3, n_val: int =
                 train_index=train_index, val_index=val_index, test_index=np.arange(n_test))
 
 
+# ------------------------------------------------------------------ references (plain loops)
+# One reference per quantity, written as directly as it is defined, for every test that checks
+# the package's vectorised version.
+
+
+def dyadic_probs(m: int, n: int, c: int, seed: int, units: int = 4) -> np.ndarray:
+    """m members x n samples x c classes of multiples of 1/units: sums are exact, so vote ties
+    are frequent and unambiguous."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(units, np.full(c, 1 / c), size=(m, n)) / units
+
+
+def ref_soft_vote(probs) -> np.ndarray:
+    """Per sample, the class of the highest mean probability over members (ties: lower class)."""
+    m, n, c = probs.shape
+    out = []
+    for i in range(n):
+        mean = [sum(float(probs[k, i, j]) for k in range(m)) / m for j in range(c)]
+        out.append(max(range(c), key=lambda j: (mean[j], -j)))
+    return np.array(out)
+
+
+def ref_hard_vote(probs) -> np.ndarray:
+    """Most votes; ties to the larger summed probability, then to the lower class index."""
+    m, n, c = probs.shape
+    out = []
+    for i in range(n):
+        votes = Counter(int(np.argmax(probs[k, i])) for k in range(m))
+        top = max(votes.values())
+        tied = [j for j in range(c) if votes.get(j, 0) == top]
+        summed = {j: sum(float(probs[k, i, j]) for k in range(m)) for j in tied}
+        best = max(summed.values())
+        out.append(min(j for j in tied if summed[j] == best))
+    return np.array(out)
+
+
+def ref_accuracy(predicted, labels) -> float:
+    """The share of predicted classes equal to the labels."""
+    return sum(int(p == y) for p, y in zip(predicted, labels)) / len(labels)
+
+
+def ref_nll(probs, labels) -> float:
+    """Mean -log p(true class) over samples (n x c probabilities), a probability below 1e-12
+    counting as 1e-12 (metrics.nll's floor)."""
+    return -sum(math.log(max(float(probs[i][y]), 1e-12)) for i, y in enumerate(labels)) / len(labels)
+
+
+def ref_reliability(probs, labels, n_bins: int) -> tuple[list, list, list]:
+    """Bins (b/n, (b+1)/n] of the top probability (a confidence of 0 goes to bin 0): count, mean
+    confidence and accuracy per bin (NaN for an empty bin)."""
+    count, conf, acc = [], [], []
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        members = [i for i in range(len(labels))
+                   if lo < max(probs[i]) <= hi or (b == 0 and max(probs[i]) == 0)]
+        count.append(len(members))
+        if members:
+            conf.append(sum(max(probs[i]) for i in members) / len(members))
+            acc.append(sum(int(np.argmax(probs[i]) == labels[i]) for i in members) / len(members))
+        else:
+            conf.append(math.nan)
+            acc.append(math.nan)
+    return count, conf, acc
+
+
+def ref_ece(probs, labels, n_bins: int) -> float:
+    """Guo et al.: sum over bins of |B|/N |acc(B) - conf(B)|."""
+    count, conf, acc = ref_reliability(probs, labels, n_bins)
+    return sum(k / len(labels) * abs(a - f) for k, f, a in zip(count, conf, acc) if k)
+
+
 def quiet(_msg) -> None:
     pass
 
@@ -164,3 +243,114 @@ def cifar_archive(tmp_path_factory):
     path = tmp_path_factory.mktemp("cifar") / "cifar-10-python.tar.gz"
     md5 = make_cifar10_archive(path, per_batch=40, test_size=60)
     return path, md5
+
+
+# ------------------------------------------------------------------ Snakemake
+SNAKEFILE = ROOT / "Snakefile"
+# Every Snakemake start imports every installed executor plugin, and snakemake-executor-plugin-
+# slurm then runs `scontrol show config` (to describe its status-command option): with a
+# slurm.conf whose controller is not running (as `make test-slurm` leaves it) that waits about
+# 9 s. Runs that do not use SLURM give the SLURM client an empty configuration, which it
+# rejects at once; tests/test_slurm.py runs with the real one.
+NO_SLURM = {"SLURM_CONF": os.devnull}
+
+
+def snakemake_env(slurm: bool = False) -> dict:
+    """The environment of a `snakemake` process: this virtualenv's commands first on PATH (the
+    jobs run `cifar-ensembles`), and without the SLURM configuration unless `slurm`."""
+    env = {**ENV, "PATH": str(Path(sys.executable).parent) + os.pathsep + ENV.get("PATH", "")}
+    return env if slurm else {**env, **NO_SLURM}
+
+
+def snakemake(workdir: Path, configs, *args: str, check: bool = True,
+              timeout: float = 900) -> subprocess.CompletedProcess:
+    """A real `snakemake --cores 2` process on the workflow in `workdir` (with the workflow's
+    default profile, as a user runs it): for runs, exit statuses and what it prints."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "-d", str(workdir),
+           "--configfile", *map(str, configs), "--cores", "2", *args]
+    proc = subprocess.run(cmd, cwd=workdir, env=snakemake_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc
+
+
+@contextlib.contextmanager
+def _environ(values: dict):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def snakemake_api(workdir: Path, configs, log_handler: logging.Handler | None = None, dryrun: bool = False):
+    """Snakemake's API in this process on the workflow in `workdir` with `configs` (what
+    `snakemake --configfile CONFIGS [-n]` sets up, without a process start): yields its workflow
+    API; `log_handler` sees every record Snakemake logs meanwhile."""
+    with _environ(NO_SLURM):  # importing the API imports the executor plugins
+        from snakemake.api import SnakemakeApi
+        from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+
+    with _environ(NO_SLURM), SnakemakeApi(OutputSettings(dryrun=dryrun, stdout=dryrun)) as api:
+        if log_handler is not None:
+            api.logger_manager.logger.addHandler(log_handler)
+        try:
+            config = ConfigSettings(configfiles=[Path(c) for c in configs])
+            yield api.workflow(ResourceSettings(cores=2), config, snakefile=SNAKEFILE, workdir=Path(workdir))
+        finally:
+            if log_handler is not None:
+                api.logger_manager.logger.removeHandler(log_handler)
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    rule: str
+    wildcards: dict
+    input: list
+
+
+def dry_run(workdir: Path, configs) -> list[PlannedJob]:
+    """The jobs `snakemake -n --configfile CONFIGS` plans in `workdir` (through Snakemake's API in
+    this process): each job's rule, wildcards and input files as Snakemake logs them."""
+    from snakemake.settings.types import DAGSettings, ExecutionSettings
+    from snakemake_interface_logger_plugins.common import LogEvent
+
+    jobs: list[PlannedJob] = []
+
+    class Planned(logging.Handler):
+        def emit(self, record):
+            if getattr(record, "event", None) == LogEvent.JOB_INFO:
+                jobs.append(PlannedJob(record.rule_name, dict(record.wildcards), list(record.input)))
+
+    with snakemake_api(workdir, configs, Planned(), dryrun=True) as workflow:
+        # force_incomplete: the default profile's rerun-incomplete
+        workflow.dag(DAGSettings(force_incomplete=True)).execute_workflow(
+            executor="local", pseudo_executor="dryrun", execution_settings=ExecutionSettings())
+    return jobs
+
+
+def job_counts(jobs: list[PlannedJob]) -> dict[str, int]:
+    """Rule -> number of jobs ({} for none), as Snakemake's job stats count them."""
+    return dict(Counter(job.rule for job in jobs))
+
+
+def planned_jobs(workdir: Path, configs) -> dict[str, int]:
+    """Rule -> number of jobs of a dry run ({} when there is nothing to do)."""
+    return job_counts(dry_run(workdir, configs))
+
+
+@pytest.fixture(scope="session")
+def fashion_run(tmp_path_factory):
+    """The committed real-data tiny workflow (.test/fashion-mnist-tiny.yaml, on Debian's
+    dataset-fashion-mnist) run to the end once per session: (workdir, configs, process)."""
+    workdir = tmp_path_factory.mktemp("fashion")
+    configs = [TEST_CONFIGS / "fashion-mnist-tiny.yaml"]
+    return workdir, configs, snakemake(workdir, configs)

@@ -12,7 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_damaged, cli, ensemble_spec
+from conftest import (
+    assert_damaged,
+    cli,
+    dyadic_probs,
+    ensemble_spec,
+    ref_accuracy,
+    ref_hard_vote,
+    ref_nll,
+    ref_soft_vote,
+)
 
 from cifar_ensembles.analysis.metrics import expected_calibration_error, mcnemar
 from cifar_ensembles.analysis.votes import (
@@ -32,45 +41,17 @@ from cifar_ensembles.files.ensemble_summary import SUMMARY_FORMAT, Bootstrap, Co
 from cifar_ensembles.files.records import DamagedFile
 from cifar_ensembles.stages.ensemble import analyse, compare_to_files, ensemble_to_files
 
-# ---------------------------------------------------------------- references (plain loops)
+# ---------------------------------------------------------------- references (plain loops; the
+# votes, accuracy and NLL are conftest's)
 
 
-def ref_soft(probs):
-    m, n, c = probs.shape
-    out = []
-    for i in range(n):
-        total = [sum(float(probs[k, i, j]) for k in range(m)) for j in range(c)]
-        out.append(max(range(c), key=lambda j: (total[j], -j)))
-    return np.array(out)
-
-
-def ref_hard(probs):
-    """Most votes; ties to the larger summed probability, then to the lower class index."""
-    m, n, c = probs.shape
-    out = []
-    for i in range(n):
-        votes = Counter(int(np.argmax(probs[k, i])) for k in range(m))
-        top = max(votes.values())
-        tied = [j for j in range(c) if votes.get(j, 0) == top]
-        summed = {j: sum(float(probs[k, i, j]) for k in range(m)) for j in tied}
-        best = max(summed.values())
-        out.append(min(j for j in tied if summed[j] == best))
-    return np.array(out)
-
-
-REF_VOTE = {"soft": ref_soft, "hard": ref_hard}
-
-
-def ref_acc(pred, labels):
-    return sum(int(p == y) for p, y in zip(pred, labels)) / len(labels)
+REF_VOTE = {"soft": ref_soft_vote, "hard": ref_hard_vote}
 
 
 def ref_nll_of_mean(probs, members, labels):
-    total = 0.0
-    for i, y in enumerate(labels):
-        p = sum(float(probs[j, i, y]) for j in members) / len(members)
-        total -= math.log(max(p, 1e-12))
-    return total / len(labels)
+    """The NLL of the members' mean probabilities."""
+    members = list(members)
+    return ref_nll(sum(probs[j] for j in members) / len(members), labels)
 
 
 def ref_greedy(probs, labels):
@@ -83,12 +64,6 @@ def ref_greedy(probs, labels):
         chosen.append(best)
         curve.append(scores[best])
     return chosen, curve
-
-
-def dyadic_probs(m, n, c, seed, units=4):
-    """Multiples of 1/units: sums are exact, so vote ties are frequent and unambiguous."""
-    rng = np.random.default_rng(seed)
-    return rng.multinomial(units, np.full(c, 1 / c), size=(m, n)) / units
 
 
 def members_case(m, n, c, seed, skill=None):
@@ -149,8 +124,8 @@ def test_subset_accuracies_match_direct_votes_with_ties(seed):
         assert acc["soft"].shape == acc["hard"].shape == (len(subsets),)
         for row, soft, hard in zip(subsets, acc["soft"], acc["hard"]):
             sub = probs[list(row)]
-            assert soft == pytest.approx(ref_acc(ref_soft(sub), labels), abs=1e-12)
-            assert hard == pytest.approx(ref_acc(ref_hard(sub), labels), abs=1e-12)
+            assert soft == pytest.approx(ref_accuracy(ref_soft_vote(sub), labels), abs=1e-12)
+            assert hard == pytest.approx(ref_accuracy(ref_hard_vote(sub), labels), abs=1e-12)
             assert soft == pytest.approx(np.mean(soft_vote(sub) == labels), abs=1e-12)
             assert hard == pytest.approx(np.mean(hard_vote(sub) == labels), abs=1e-12)
             counts = [Counter(sub[:, i].argmax(-1).tolist()).most_common() for i in range(n)]
@@ -173,7 +148,7 @@ def test_subset_hard_vote_tie_break_sees_small_probability_differences():
     # (the documented rule, hard_vote, first_k_accuracy) picks class 1; the subset curve must agree.
     probs = np.array([[[0.6, 0.4]], [[0.6, 0.4]], [[0.4, 0.6]], [[0.4 - 2e-7, 0.6 + 2e-7]]], np.float32)
     labels = np.array([1])
-    assert ref_hard(probs)[0] == 1
+    assert ref_hard_vote(probs)[0] == 1
     assert hard_vote(probs)[0] == 1
     assert first_k_accuracy(probs, labels)["hard"][3] == 1.0
     assert subset_accuracies(probs, labels, np.array([[0, 1, 2, 3]]))["hard"][0] == 1.0
@@ -189,7 +164,7 @@ def test_subset_curve_matches_direct_statistics():
         subsets, _ = member_subsets(m, k, 10, 1)
         assert out["subsets"][k - 1] == len(subsets) == min(10, math.comb(m, k))
         for vote in ("soft", "hard"):
-            accs = [ref_acc(REF_VOTE[vote](probs[list(s)]), labels) for s in subsets]
+            accs = [ref_accuracy(REF_VOTE[vote](probs[list(s)]), labels) for s in subsets]
             mean = sum(accs) / len(accs)
             std = math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))
             assert out[vote]["mean"][k - 1] == pytest.approx(mean, abs=1e-12)
@@ -198,7 +173,7 @@ def test_subset_curve_matches_direct_statistics():
             assert out[vote]["max"][k - 1] == pytest.approx(max(accs), abs=1e-12)
     # k = M is the whole ensemble: one subset, no spread
     assert out["soft"]["std"][-1] == 0.0
-    assert out["soft"]["mean"][-1] == pytest.approx(ref_acc(ref_soft(probs), labels))
+    assert out["soft"]["mean"][-1] == pytest.approx(ref_accuracy(ref_soft_vote(probs), labels))
 
 
 def test_sampled_subset_mean_close_to_exhaustive_mean():
@@ -257,7 +232,7 @@ def test_greedy_picks_perfect_first_and_useless_last():
 
 
 def ref_first_k(probs, labels, vote):
-    return [ref_acc(REF_VOTE[vote](probs[:k]), labels) for k in range(1, probs.shape[0] + 1)]
+    return [ref_accuracy(REF_VOTE[vote](probs[:k]), labels) for k in range(1, probs.shape[0] + 1)]
 
 
 def tie_case(method):
@@ -283,7 +258,7 @@ def test_analyse_choice_of_size_and_test_accuracy(method):
     assert out.method == method and out.chosen_on == "val"
     assert out.members == seeds[:k]
     assert out.val_accuracy == pytest.approx(best, abs=1e-12)
-    assert out.test_accuracy == pytest.approx(ref_acc(REF_VOTE[method](test[:k]), y_test), abs=1e-12)
+    assert out.test_accuracy == pytest.approx(ref_accuracy(REF_VOTE[method](test[:k]), y_test), abs=1e-12)
     for split, (p, y) in {"val": (val, y_val), "test": (test, y_test)}.items():
         for vote in ("soft", "hard"):
             assert getattr(out.first_k[split], vote) == pytest.approx(ref_first_k(p, y, vote), abs=1e-12)
@@ -308,12 +283,12 @@ def test_analyse_greedy_singles_and_intervals():
     assert out.greedy.members == [seeds[i] for i in members]
     best_prefix = min(ref_nll_of_mean(val, order[:s], y_val) for s in range(1, 6))
     assert ref_nll_of_mean(val, members, y_val) == pytest.approx(best_prefix, rel=1e-10)
-    assert out.greedy.val_accuracy == pytest.approx(ref_acc(ref_soft(val[members]), y_val))
-    assert out.greedy.test_accuracy == pytest.approx(ref_acc(ref_soft(test[members]), y_test))
+    assert out.greedy.val_accuracy == pytest.approx(ref_accuracy(ref_soft_vote(val[members]), y_val))
+    assert out.greedy.test_accuracy == pytest.approx(ref_accuracy(ref_soft_vote(test[members]), y_test))
 
     # singles, in seed order, and the best one by validation accuracy
-    val_acc = [ref_acc(val[i].argmax(-1), y_val) for i in range(5)]
-    test_acc = [ref_acc(test[i].argmax(-1), y_test) for i in range(5)]
+    val_acc = [ref_accuracy(val[i].argmax(-1), y_val) for i in range(5)]
+    test_acc = [ref_accuracy(test[i].argmax(-1), y_test) for i in range(5)]
     assert [s.seed for s in out.singles] == seeds
     assert [s.val_accuracy for s in out.singles] == pytest.approx(val_acc)
     assert [s.test_accuracy for s in out.singles] == pytest.approx(test_acc)
@@ -691,8 +666,8 @@ def test_compare_to_files_pairs_on_shared_seeds(tmp_path):
         assert (r.b, r.c, r.p_value) == (expected["b"], expected["c"], expected["p_value"])
         diffs.append(ca.mean() - cb.mean())
     assert pair.mean_single_difference == pytest.approx(sum(diffs) / 2)
-    ea = ref_soft(np.stack([probs[("a", 2)], probs[("a", 10)]])) == y_test
-    eb = ref_soft(np.stack([probs[("b", 2)], probs[("b", 10)]])) == y_test
+    ea = ref_soft_vote(np.stack([probs[("a", 2)], probs[("a", 10)]])) == y_test
+    eb = ref_soft_vote(np.stack([probs[("b", 2)], probs[("b", 10)]])) == y_test
     e = pair.ensemble
     assert e.accuracy_a == pytest.approx(ea.mean()) and e.accuracy_b == pytest.approx(eb.mean())
     expected = mcnemar(ea, eb)

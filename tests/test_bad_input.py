@@ -1,8 +1,9 @@
 """Bad input, one case at a time: each must fail with one line that names the field or file,
 a non-zero exit, and nothing half-written (no output of the step, no temporary files).
 
-Config mistakes are checked in-process with `validate_config` (fast) and a handful through a
-real `snakemake -n` (parse time, before any job); file mistakes through the
+Config mistakes are checked in-process with `validate_config` (fast), a dozen through
+Snakemake's API (its config loading, then the Snakefile's check at parse time, before any job)
+and three through a real `snakemake -n` process; file mistakes through the
 `cifar-ensembles` command, a few as real subprocesses (each imports torch, ~4 s) and the
 rest through `cli.main` in this process.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +24,14 @@ import yaml
 from conftest import (
     ENV,
     ROOT,
+    SNAKEFILE,
     TEST_CONFIGS,
+    dry_run,
     ensemble_spec,
     load_config,
     make_data,
     predict_spec,
+    snakemake_env,
     tiny_runtime,
     tiny_spec,
 )
@@ -53,8 +56,6 @@ from cifar_ensembles.files.training_run import ModelRecord
 from cifar_ensembles.models import ResNet18Cifar
 
 DEFAULTS = load_config()
-# Snakemake's jobs find `cifar-ensembles` on the PATH.
-SNAKEMAKE_ENV = {**ENV, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
 # Lines Snakemake prints around any run; everything else must be our one line.
 SNAKEMAKE_FRAMING = ("Config file ", "Using workflow specific profile", "Using profile ")
 
@@ -268,29 +269,49 @@ def test_custom_archive_skips_the_standard_size_check():
     validate_config(merged({"data": {"val_size": 50_000, "md5": "0" * 32}}))
 
 
+# Through Snakemake: one of each kind of mistake, and a non-finite number in each section.
 SNAKEMAKE_CASES = ["nested_optimiser", "lr_negative", "seeds_text", "ema_decay_one", "val_size_too_large",
-                   "run_experiments_unknown", "cosine_floor_above_lr", "lr_inf", "experiment_loader_moved"]
+                   "run_experiments_unknown", "cosine_floor_above_lr", "lr_inf", "experiment_loader_moved",
+                   "experiment_lr_nan", "checkpoint_minutes_nan", "ensemble_bootstrap_inf"]
+# ... and through a real process: a schema error, one only the checks after it find, a YAML .inf.
+PROCESS_CASES = ["nested_optimiser", "cosine_floor_above_lr", "lr_inf"]
 
 
-@pytest.mark.parametrize("case", SNAKEMAKE_CASES)
-def test_snakemake_stops_at_parse_time_with_one_line(case, tmp_path):
+def bad_config(case: str, tmp_path: Path) -> tuple[Path, Path, str]:
+    """The case's config file, an empty working directory, and the line `validate_config` gives."""
     override, expected = CONFIG_CASES[case]
     config_file = tmp_path / "bad.yaml"
     config_file.write_text(override if isinstance(override, str) else yaml.safe_dump(override))
     workdir = tmp_path / "work"
     workdir.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"),
+    with pytest.raises(UserError) as info:
+        validate_config(merged(override))
+    assert expected[0] in str(info.value)
+    return config_file, workdir, f"config error: {info.value}"
+
+
+@pytest.mark.parametrize("case", SNAKEMAKE_CASES)
+def test_snakemake_stops_at_parse_time_with_the_line(case, tmp_path):
+    """Snakemake's loading and merging of --configfile gives the config `merged` does, and the
+    Snakefile ends the run with its one line (sys.exit's message) before any job writes."""
+    config_file, workdir, line = bad_config(case, tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        dry_run(workdir, [config_file])
+    assert exit_info.value.code == line
+    assert snapshot(workdir) == [], "a dry run with a bad config wrote files"
+
+
+@pytest.mark.parametrize("case", PROCESS_CASES)
+def test_snakemake_process_stops_at_parse_time_with_one_line(case, tmp_path):
+    config_file, workdir, line = bad_config(case, tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE),
                            "-d", str(workdir), "--configfile", str(config_file), "-n", "--cores", "1"],
-                          cwd=workdir, env=SNAKEMAKE_ENV, capture_output=True, text=True, timeout=120)
+                          cwd=workdir, env=snakemake_env(), capture_output=True, text=True, timeout=120)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
     assert "Traceback" not in output and "WorkflowError" not in output, output
     lines = [line for line in output.splitlines() if line.strip() and not line.startswith(SNAKEMAKE_FRAMING)]
-    assert len(lines) == 1, output
-    with pytest.raises(UserError) as info:
-        validate_config(merged(override))
-    assert lines[0] == f"config error: {info.value}"
-    assert expected[0] in lines[0]
+    assert lines == [line], output
     assert snapshot(workdir) == [], "a dry run with a bad config wrote files"
 
 

@@ -8,6 +8,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from conftest import ref_nll, ref_reliability
 
 from cifar_ensembles.analysis.metrics import (
     accuracy,
@@ -28,23 +29,6 @@ def softmax(z):
     z = np.asarray(z, dtype=np.float64)
     e = np.exp(z - z.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
-
-
-def loop_reliability(probs, labels, n_bins):
-    """Bins (b/n, (b+1)/n] (a confidence of 0 goes to bin 0): count, mean confidence, accuracy."""
-    count, conf, acc = [], [], []
-    for b in range(n_bins):
-        lo, hi = b / n_bins, (b + 1) / n_bins
-        members = [i for i in range(len(labels))
-                   if lo < max(probs[i]) <= hi or (b == 0 and max(probs[i]) == 0)]
-        count.append(len(members))
-        if members:
-            conf.append(sum(max(probs[i]) for i in members) / len(members))
-            acc.append(sum(int(np.argmax(probs[i]) == labels[i]) for i in members) / len(members))
-        else:
-            conf.append(math.nan)
-            acc.append(math.nan)
-    return count, conf, acc
 
 
 def loop_entropy(row):
@@ -115,7 +99,7 @@ def test_reliability_bins_match_loop(n_bins, seed):
         probs[i] = [top, rest, rest, rest]
     labels = rng.integers(0, 4, 50)
     bins = reliability_bins(probs, labels, n_bins)
-    count, conf, acc = loop_reliability(probs, labels, n_bins)
+    count, conf, acc = ref_reliability(probs, labels, n_bins)
     assert bins["count"].tolist() == count
     assert sum(count) == 50
     np.testing.assert_allclose(bins["confidence"], conf, rtol=1e-12, equal_nan=True)
@@ -186,19 +170,15 @@ def calibrated_case(n=3000, c=5, seed=0, scale=1.5):
     return logits, labels
 
 
-def loop_nll(probs, labels):
-    return -sum(math.log(probs[i][labels[i]]) for i in range(len(labels))) / len(labels)
-
-
 def test_fit_temperature_recovers_over_confidence():
     logits, labels = calibrated_case()
     over = softmax(3.0 * logits)
     t = fit_temperature(over, labels)
     assert t == pytest.approx(3.0, rel=0.12)
-    assert loop_nll(temperature_scale(over, t), labels) < loop_nll(over, labels)
+    assert ref_nll(temperature_scale(over, t), labels) < ref_nll(over, labels)
     # and the fitted T is the minimum of the NLL (a direct scan of T around it)
     grid = np.linspace(0.5 * t, 1.5 * t, 41)
-    best = grid[int(np.argmin([loop_nll(softmax(3.0 * logits / g), labels) for g in grid]))]
+    best = grid[int(np.argmin([ref_nll(softmax(3.0 * logits / g), labels) for g in grid]))]
     assert t == pytest.approx(best, rel=0.03)
 
 
@@ -208,7 +188,7 @@ def test_fit_temperature_recovers_under_confidence():
     t = fit_temperature(under, labels)
     assert t < 1.0
     assert t == pytest.approx(0.5, rel=0.12)
-    assert loop_nll(temperature_scale(under, t), labels) < loop_nll(under, labels)
+    assert ref_nll(temperature_scale(under, t), labels) < ref_nll(under, labels)
 
 
 def test_fit_temperature_near_one_when_calibrated():

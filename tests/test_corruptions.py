@@ -475,5 +475,5 @@ def test_config_transforms_are_the_schema_list():
     import yaml
 
     schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    corruption = schema["properties"]["shift"]["properties"]["corruptions"]["additionalProperties"]
+    corruption = schema["$defs"]["CorruptionSpec"]
     assert corruption["properties"]["transform"]["enum"] == list(TRANSFORMS)

@@ -2,47 +2,17 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import pytest
+from conftest import dyadic_probs, ref_hard_vote, ref_soft_vote
 
 from cifar_ensembles.analysis.votes import choose_size, first_k_accuracy, hard_vote, soft_vote, vote_counts
-
-
-def dyadic_probs(m, n, c, seed, units=8):
-    """Probabilities that are multiples of 1/units, so sums are exact and ties are common."""
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(units, np.full(c, 1 / c), size=(m, n))
-    return counts / units
-
-
-def reference_hard_vote(probs):
-    m, n, c = probs.shape
-    out = []
-    for i in range(n):
-        votes = Counter(int(np.argmax(probs[k, i])) for k in range(m))
-        top = max(votes.values())
-        tied = [j for j in range(c) if votes.get(j, 0) == top]
-        summed = {j: sum(probs[k, i, j] for k in range(m)) for j in tied}
-        best = max(summed.values())
-        out.append(min(j for j in tied if summed[j] == best))
-    return np.array(out)
-
-
-def reference_soft_vote(probs):
-    m, n, c = probs.shape
-    out = []
-    for i in range(n):
-        mean = [sum(probs[k, i, j] for k in range(m)) / m for j in range(c)]
-        out.append(max(range(c), key=lambda j: (mean[j], -j)))
-    return np.array(out)
 
 
 def test_soft_vote_is_argmax_of_mean():
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(4), size=(5, 30))
-    np.testing.assert_array_equal(soft_vote(probs), reference_soft_vote(probs))
+    np.testing.assert_array_equal(soft_vote(probs), ref_soft_vote(probs))
     np.testing.assert_array_equal(soft_vote(probs), np.argmax(probs.mean(axis=0), axis=-1))
 
 
@@ -89,12 +59,12 @@ def test_hard_vote_majority_beats_probability_mass():
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 6])
 def test_hard_vote_matches_reference_on_many_ties(seed, m):
-    probs = dyadic_probs(m, 50, 4, seed)
-    np.testing.assert_array_equal(hard_vote(probs), reference_hard_vote(probs))
+    probs = dyadic_probs(m, 50, 4, seed, units=8)
+    np.testing.assert_array_equal(hard_vote(probs), ref_hard_vote(probs))
 
 
 def test_vote_counts_matches_loop():
-    probs = dyadic_probs(5, 20, 3, seed=9)
+    probs = dyadic_probs(5, 20, 3, seed=9, units=8)
     expected = np.zeros((20, 3), dtype=int)
     for k in range(5):
         for i in range(20):
@@ -110,9 +80,9 @@ def test_first_k_accuracy_matches_direct_loop(kind):
     if kind == "random":
         probs = np.random.default_rng(1).dirichlet(np.full(c, 0.5), size=(m, n))
     elif kind == "dyadic":
-        probs = dyadic_probs(m, n, c, seed=2)
+        probs = dyadic_probs(m, n, c, seed=2, units=8)
     else:
-        probs = dyadic_probs(m, n, c, seed=3).astype(np.float32)
+        probs = dyadic_probs(m, n, c, seed=3, units=8).astype(np.float32)
     labels = np.random.default_rng(4).integers(0, c, n)
     curves = first_k_accuracy(probs, labels)
     assert set(curves) == {"hard", "soft"}

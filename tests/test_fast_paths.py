@@ -118,7 +118,7 @@ def test_batched_path_resumes_mid_epoch_bit_exact(tmp_path):
 
 
 def test_unknown_augment_mode_and_the_old_device_key_are_user_errors():
-    with pytest.raises(UserError, match=r"training\.augment\.mode: expected"):
+    with pytest.raises(UserError, match=r"training\.augment\.mode: 'tpu' is not one of"):
         tiny_spec(augment={"mode": "tpu"})
     with pytest.raises(UserError, match=r"training\.augment\.device: unknown key"):
         tiny_spec(augment={"device": "gpu"})
@@ -358,8 +358,8 @@ def test_config_documents_and_the_schema_accepts_the_runtime_keys():
     for key in RUNTIME_KEYS:
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(f"{key}:"))
         assert "#" in line, f"{key} needs a comment"
-    assert set(schema["$defs"]["runtime"]["properties"]) == set(RUNTIME_KEYS)
-    assert "mode" in schema["$defs"]["training"]["properties"]["augment"]["properties"]
+    assert set(schema["$defs"]["RuntimeSpec"]["properties"]) == set(RUNTIME_KEYS)
+    assert "mode" in schema["$defs"]["AugmentSpec"]["properties"]
     runtime_spec()  # config.yaml's runtime resolves
 
     validator = Draft202012Validator(schema)

@@ -1,4 +1,4 @@
-"""Accuracy, NLL, Brier score and ECE against direct loops on small hand-made arrays."""
+"""Accuracy, NLL, Brier score and ECE against direct loops (conftest's) on small hand-made arrays."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import ref_accuracy, ref_ece, ref_nll, ref_soft_vote
 
 from cifar_ensembles.analysis.metrics import accuracy, brier, expected_calibration_error, nll
 
@@ -17,41 +18,17 @@ def random_case(n=40, c=5, seed=0):
     return probs, labels
 
 
-def loop_accuracy(probs, labels):
-    hits = 0
-    for row, y in zip(probs, labels):
-        best = max(range(len(row)), key=lambda j: (row[j], -j))
-        hits += best == y
-    return hits / len(labels)
-
-
-def loop_ece(probs, labels, n_bins):
-    """Guo et al.: bins (b/n, (b+1)/n], sum_b |B|/N |acc(B) - conf(B)| (a confidence of 0 goes to bin 0)."""
-    n = len(labels)
-    total = 0.0
-    for b in range(n_bins):
-        lo, hi = b / n_bins, (b + 1) / n_bins
-        members = [i for i in range(n)
-                   if (lo < max(probs[i]) <= hi) or (b == 0 and max(probs[i]) == 0)]
-        if not members:
-            continue
-        acc = sum(int(np.argmax(probs[i]) == labels[i]) for i in members) / len(members)
-        conf = sum(max(probs[i]) for i in members) / len(members)
-        total += len(members) / n * abs(acc - conf)
-    return total
-
-
 def test_accuracy_matches_loop():
     probs, labels = random_case()
-    assert accuracy(probs, labels) == pytest.approx(loop_accuracy(probs, labels))
+    argmax = ref_soft_vote(probs[None])  # the vote of one member: its argmax, ties to the lower class
+    assert accuracy(probs, labels) == pytest.approx(ref_accuracy(argmax, labels))
     probs = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
     assert accuracy(probs, np.array([1, 1, 1])) == pytest.approx(2 / 3)
 
 
 def test_nll_matches_loop():
     probs, labels = random_case(seed=1)
-    expected = -sum(math.log(probs[i, labels[i]]) for i in range(len(labels))) / len(labels)
-    assert nll(probs, labels) == pytest.approx(expected, rel=1e-12)
+    assert nll(probs, labels) == pytest.approx(ref_nll(probs, labels), rel=1e-12)
     # hand value: -(log 0.5 + log 0.25) / 2
     assert nll(np.array([[0.5, 0.5], [0.75, 0.25]]), np.array([0, 1])) == pytest.approx(
         (math.log(2) + math.log(4)) / 2)
@@ -81,7 +58,7 @@ def test_ece_hand_computed():
     probs = np.array([[0.9, 0.05, 0.05]] * 4 + [[0.25, 0.5, 0.25]] * 2 + [[0.7, 0.2, 0.1]] * 2)
     labels = np.array([0, 0, 0, 1, 1, 2, 0, 0])
     assert expected_calibration_error(probs, labels, n_bins=15) == pytest.approx(0.15, abs=1e-12)
-    assert loop_ece(probs, labels, 15) == pytest.approx(0.15, abs=1e-12)
+    assert ref_ece(probs, labels, 15) == pytest.approx(0.15, abs=1e-12)
 
 
 def test_ece_bins_do_not_pool_errors_of_opposite_sign():
@@ -99,7 +76,7 @@ def test_ece_bin_edges_belong_to_the_lower_bin():
     probs = np.array([[0.5, 0.25, 0.25], [0.45, 0.3, 0.25]])
     labels = np.array([0, 1])
     assert expected_calibration_error(probs, labels, n_bins=10) == pytest.approx(0.025)
-    assert loop_ece(probs, labels, 10) == pytest.approx(0.025)
+    assert ref_ece(probs, labels, 10) == pytest.approx(0.025)
 
 
 @pytest.mark.parametrize("n_bins", [15, 10, 1])
@@ -107,7 +84,7 @@ def test_ece_bin_edges_belong_to_the_lower_bin():
 def test_ece_matches_loop(n_bins, seed):
     probs, labels = random_case(n=60, c=4, seed=seed)
     assert expected_calibration_error(probs, labels, n_bins=n_bins) == pytest.approx(
-        loop_ece(probs, labels, n_bins), abs=1e-12)
+        ref_ece(probs, labels, n_bins), abs=1e-12)
 
 
 def test_ece_extremes():

@@ -355,8 +355,8 @@ def test_test_subset_does_not_depend_on_the_train_subset():
 
 def test_prepare_stage_writes_the_split_of_the_raw_files(cifar_archive, tmp_path):
     archive, md5 = cifar_archive
-    spec = SourceSpec(source=str(archive), url=None, md5=md5, own_dataset=False)
-    raw = download_dataset("cifar10", spec, tmp_path / "raw")
+    source = SourceSpec(source=str(archive), url=None, md5=md5, own_dataset=False)
+    raw = download_dataset("cifar10", source, tmp_path / "raw")
     split_spec = spec(40, split_seed=1, train_subset=100, test_subset=30)
     out = tmp_path / "results" / "data.npz"
     written = prepare_to_file("cifar10", split_spec, raw, out)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_damaged, cli, ensemble_spec
+from conftest import assert_damaged, cli, ensemble_spec, ref_nll
 
 from cifar_ensembles.cli import main
 from cifar_ensembles.config.convert import from_data
@@ -316,11 +316,6 @@ def g6(value):
     return f"{value:.6g}"
 
 
-def direct_nll(path, labels):
-    p = np.load(path)
-    return -sum(math.log(float(p[i, y])) for i, y in enumerate(labels)) / len(labels)
-
-
 def summary_args(case, out_md, out_csv, comparisons=None, published=None, ensembles=None, runs=None):
     return ["report", "summary", "--experiments", json.dumps(ensembles or case["ensembles"]),
             "--runs", json.dumps(runs or case["runs"]),
@@ -363,7 +358,7 @@ def test_summary_markdown_and_csv(case):
         assert row["ensemble_temperature"] == g6(s["calibration"]["temperature"])
         assert row["greedy_members"].split() == [str(m) for m in s["greedy"]["members"]]
         # single-model NLL: a plain mean of NLLs (about 0.5), never scaled to percent
-        nlls = [direct_nll(case["test_probs"][name][str(seed)], case["y_test"]) for seed in seeds]
+        nlls = [ref_nll(np.load(case["test_probs"][name][str(seed)]), case["y_test"]) for seed in seeds]
         mean_nll = sum(nlls) / len(nlls)
         assert 0.2 < mean_nll < 0.9
         assert float(row["single_test_nll_mean"]) == pytest.approx(mean_nll, rel=1e-5)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
-from test_workflow import TINY, env, write_source
+from conftest import ROOT, snakemake_env
+from test_workflow import TINY, write_source
 
 PROFILE = ROOT / "profiles" / "slurm" / "profile.yaml"
 LOCAL_PROFILE = ROOT / "profiles" / "default" / "profile.yaml"
@@ -45,7 +45,7 @@ def snakemake(workdir: Path, *args: str) -> subprocess.Popen:
     cmd = ["timeout", "-k", "10", str(TIMEOUT_S), sys.executable, "-m", "snakemake",
            "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--configfile", str(TINY),
            str(workdir / "source.yaml"), str(workdir / "one-experiment.yaml"), *args]
-    return subprocess.Popen(cmd, cwd=workdir, env=env(), stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=workdir, env=snakemake_env(slurm=True), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -196,7 +196,7 @@ def test_slurm_profile_resources(tmp_path, cifar_archive):
         [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
          "--configfile", str(TINY), str(tmp_path / "source.yaml"), str(tmp_path / "one-experiment.yaml"),
          "--workflow-profile", str(PROFILE.parent), "-n"],
-        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+        cwd=tmp_path, env=snakemake_env(), capture_output=True, text=True, timeout=300)  # no cluster
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     jobs = re.split(r"\n(?=(?:local)?rule \w+:)", proc.stdout)
     train = next(j for j in jobs if j.startswith("rule train:"))

@@ -1,8 +1,10 @@
 """The whole Snakemake workflow on the committed tiny configs (.test/), then the rerun rules.
 
 One real run (download -> prepare -> train -> predict -> ensemble -> report) on a tiny
-upstream-format CIFAR-10 archive checks every artifact; dry runs after edits check that a
-result setting reruns exactly what depends on it and a runtime setting reruns nothing.
+upstream-format CIFAR-10 archive checks every artifact; dry runs after edits (Snakemake's API in
+this process) check that a result setting reruns exactly what depends on it and a runtime setting
+reruns nothing. A real `snakemake` process runs where the process is the point: the runs
+themselves, and failures.
 """
 
 from __future__ import annotations
@@ -10,32 +12,31 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import ENV, ROOT, TEST_CONFIGS, load_config
+from conftest import (
+    ROOT,
+    TEST_CONFIGS,
+    dry_run,
+    job_counts,
+    load_config,
+    planned_jobs,
+    snakemake,
+    snakemake_api,
+)
 
 from cifar_ensembles.files.ensemble_summary import EnsembleSummary
 from cifar_ensembles.files.shift_summary import DiversitySummary, ShiftSummary
 from cifar_ensembles.files.training_run import ModelRecord, read_history
 
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 TINY = TEST_CONFIGS / "cifar10-tiny.yaml"
 TINY_CONFIG = yaml.safe_load(TINY.read_text())
 EXPERIMENTS = {name: TINY_CONFIG["experiments"][name]["seeds"] for name in TINY_CONFIG["run_experiments"]}
 PLOTS = {"plot_training_curves", "plot_ensemble_curve", "plot_reliability", "plot_accuracy", "plot_cost",
-         "plot_shift", "plot_diversity"}
-
-
-def env() -> dict:
-    e = dict(ENV)
-    e["PATH"] = str(Path(sys.executable).parent) + os.pathsep + e.get("PATH", "")
-    return e
+         "plot_shift", "plot_diversity", "plot_selective"}
 
 
 def write_source(directory: Path, archive: Path, md5: str) -> Path:
@@ -43,33 +44,6 @@ def write_source(directory: Path, archive: Path, md5: str) -> Path:
     path = directory / "source.yaml"
     path.write_text(yaml.safe_dump({"data": {"source": str(archive), "md5": md5}}))
     return path
-
-
-def snakemake(workdir: Path, configs: list[Path], *args: str,
-              check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
-           "--configfile", *map(str, configs), "--cores", "2", *args]
-    proc = subprocess.run(cmd, cwd=workdir, env=env(), capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        tail = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{tail}")
-    return proc
-
-
-def planned_jobs(workdir: Path, configs: list[Path]) -> dict[str, int]:
-    """Rule -> job count of a dry run ({} when there is nothing to do)."""
-    out = snakemake(workdir, configs, "-n").stdout
-    if "Nothing to be done" in out:
-        return {}
-    jobs = {}
-    for line in out.split("Job stats:", 1)[1].splitlines()[3:]:
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if not m:
-            continue
-        if m.group(1) == "total":
-            break
-        jobs[m.group(1)] = int(m.group(2))
-    return jobs
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +55,22 @@ def finished_run(tmp_path_factory, cifar_archive):
     return workdir, configs, proc
 
 
-def with_change(finished_run, tmp_path, change: dict) -> dict[str, int]:
-    """The dry run's plan after adding a config file with `change` to the finished run's."""
-    workdir, configs, _ = finished_run
+def change_file(tmp_path, change: dict) -> Path:
     path = tmp_path / "change.yaml"
     path.write_text(yaml.safe_dump(change))
-    return planned_jobs(workdir, [*configs, path])
+    return path
+
+
+def with_change(finished_run, tmp_path, change: dict) -> dict[str, int]:
+    """The dry run's plan (rule -> jobs) after adding a config file with `change` to the finished run's."""
+    workdir, configs, _ = finished_run
+    return planned_jobs(workdir, [*configs, change_file(tmp_path, change)])
+
+
+def jobs_with_change(finished_run, tmp_path, change: dict):
+    """The dry run's jobs (rule, wildcards, input) after the same change."""
+    workdir, configs, _ = finished_run
+    return dry_run(workdir, [*configs, change_file(tmp_path, change)])
 
 
 @pytest.mark.slow
@@ -193,7 +177,8 @@ def test_ensemble_setting_reruns_ensembles_and_report(finished_run, tmp_path):
     jobs = with_change(finished_run, tmp_path, {"ensemble": {"bootstrap": 200}})
     n = len(EXPERIMENTS)
     assert jobs == {"ensemble": n, "plot_ensemble_curve": n, "plot_reliability": n, "plot_accuracy": 1,
-                    "shift_summary": n, "plot_shift": 1, "plot_diversity": n, "summary": 1, "all": 1}
+                    "shift_summary": n, "plot_shift": 1, "plot_diversity": n, "selective": n,
+                    "plot_selective": n, "summary": 1, "all": 1}
 
 
 @pytest.mark.slow
@@ -202,32 +187,31 @@ def test_ensemble_setting_reruns_ensembles_and_report(finished_run, tmp_path):
 def test_one_experiment_result_change_reruns_only_that_experiment(finished_run, tmp_path, change):
     experiment = "exp_sgd"  # not the shift baseline, whose models the others' corruption errors read
     assert TINY_CONFIG["shift"]["baseline"] != experiment
-    workdir, configs, _ = finished_run
-    jobs = with_change(finished_run, tmp_path, {"experiments": {experiment: change}})
+    planned = jobs_with_change(finished_run, tmp_path, {"experiments": {experiment: change}})
+    jobs = job_counts(planned)
     seeds, corruptions = len(EXPERIMENTS[experiment]), len(TINY_CONFIG["shift"]["run_corruptions"])
     # only this experiment's jobs, and the figures across experiments (its shift predictions are
     # jobs of its own: the other experiment's shift probabilities stay as they are)
     assert jobs == {"train": seeds, "predict": 2 * seeds, "predict_shift": corruptions, "ensemble": 1,
                     "compare": 1, "shift_summary": 1, "diversity": 1, "plot_training_curves": 1,
                     "plot_ensemble_curve": 1, "plot_reliability": 1, "plot_diversity": 1, "plot_accuracy": 1,
-                    "plot_cost": 1, "plot_shift": 1, "summary": 1, "all": 1}
-    out = snakemake(workdir, [*configs, tmp_path / "change.yaml"], "-n").stdout
-    per_experiment = "train|predict|predict_shift|ensemble|shift_summary|diversity|plot_diversity"
-    trained = re.findall(rf"rule (?:{per_experiment}):\n(?:\s+\w+:.*\n)*?\s+wildcards: (.*)", out)
-    assert trained and all(f"experiment={experiment}" in w for w in trained)
+                    "plot_cost": 1, "plot_shift": 1, "selective": 1, "plot_selective": 1, "summary": 1,
+                    "all": 1}
+    per_experiment = {"train", "predict", "predict_shift", "ensemble", "shift_summary", "diversity",
+                      "plot_diversity", "selective", "plot_selective"}
+    theirs = [job.wildcards for job in planned if job.rule in per_experiment]
+    assert theirs and all(w["experiment"] == experiment for w in theirs)
 
 
 @pytest.mark.slow
 def test_a_training_default_reruns_only_the_experiments_whose_result_it_decides(finished_run, tmp_path):
     # exp_sgd trains with cross-entropy, which has no gamma_neg; exp_adam keeps the default ASL
     assert TINY_CONFIG["experiments"]["exp_sgd"]["loss"]["name"] == "cross_entropy"
-    workdir, configs, _ = finished_run
-    jobs = with_change(finished_run, tmp_path, {"training": {"loss": {"gamma_neg": 2.0}}})
-    assert jobs["train"] == len(EXPERIMENTS["exp_adam"])
-    out = snakemake(workdir, [*configs, tmp_path / "change.yaml"], "-n").stdout
+    planned = jobs_with_change(finished_run, tmp_path, {"training": {"loss": {"gamma_neg": 2.0}}})
+    assert job_counts(planned)["train"] == len(EXPERIMENTS["exp_adam"])
     # exp_sgd neither retrains nor repredicts; only its corruption error, relative to the baseline
     # exp_adam, is computed again
-    reruns = set(re.findall(r"rule (\w+):\n(?:\s+\w+:.*\n)*?\s+wildcards: experiment=exp_sgd", out))
+    reruns = {job.rule for job in planned if job.wildcards.get("experiment") == "exp_sgd"}
     assert reruns == {"shift_summary"}
     # and a field no experiment uses (Adam's betas: exp_adam keeps them, exp_sgd has no Adam)
     betas = {"experiments": {"exp_sgd": {"optimizer": {"betas": [0.5, 0.5]}}}}
@@ -243,18 +227,17 @@ def test_data_split_change_reruns_from_prepare(finished_run, tmp_path):
 
 
 SHIFT_ANALYSIS = {"shift_summary": len(EXPERIMENTS), "diversity": len(EXPERIMENTS), "plot_shift": 1,
-                  "plot_diversity": len(EXPERIMENTS), "summary": 1, "all": 1}
+                  "plot_diversity": len(EXPERIMENTS), "selective": len(EXPERIMENTS),
+                  "plot_selective": len(EXPERIMENTS), "summary": 1, "all": 1}
 
 
 @pytest.mark.slow
 def test_adding_a_corruption_runs_only_its_own_jobs_and_the_analyses(finished_run, tmp_path):
     corruptions = [*TINY_CONFIG["shift"]["run_corruptions"], "impulse_noise"]
-    jobs = with_change(finished_run, tmp_path, {"shift": {"run_corruptions": corruptions}})
-    assert jobs == {"shift_set": 1, "predict_shift": len(EXPERIMENTS), **SHIFT_ANALYSIS}
-    workdir, configs, _ = finished_run
-    out = snakemake(workdir, [*configs, tmp_path / "change.yaml"], "-n").stdout
-    assert "wildcards: dataset=cifar10, corruption=impulse_noise" in out
-    assert not re.search(r"corruption=(?!impulse_noise)", out)
+    planned = jobs_with_change(finished_run, tmp_path, {"shift": {"run_corruptions": corruptions}})
+    assert job_counts(planned) == {"shift_set": 1, "predict_shift": len(EXPERIMENTS), **SHIFT_ANALYSIS}
+    assert {"dataset": "cifar10", "corruption": "impulse_noise"} in [job.wildcards for job in planned]
+    assert {job.wildcards.get("corruption") for job in planned} == {None, "impulse_noise"}
 
 
 @pytest.mark.slow
@@ -274,38 +257,33 @@ def test_a_corruption_parameter_regenerates_only_its_set(finished_run, tmp_path)
 
 @pytest.mark.slow
 def test_html_report_builds(finished_run):
+    """`snakemake --report report.html`, through the API."""
+    from snakemake.report.html_reporter import ReportSettings
+    from snakemake.settings.types import DAGSettings
+
     workdir, configs, _ = finished_run
-    snakemake(workdir, configs, "--report", "report.html")
+    with snakemake_api(workdir, configs) as workflow:
+        workflow.dag(DAGSettings()).create_report(report_settings=ReportSettings(path=Path("report.html")))
     html = (workdir / "report.html").read_text(errors="replace")
     assert "training curves" in html.lower() or "training_curves" in html
 
 
 @pytest.mark.slow
-def test_the_fashion_mnist_test_config_runs_end_to_end(tmp_path):
+def test_the_fashion_mnist_test_config_runs_end_to_end(fashion_run):
     """The real-data tiny workflow a person can run by hand (needs Debian's dataset-fashion-mnist)."""
-    snakemake(tmp_path, [TEST_CONFIGS / "fashion-mnist-tiny.yaml"])
-    config = yaml.safe_load((TEST_CONFIGS / "fashion-mnist-tiny.yaml").read_text())
+    workdir, (config_file,), _ = fashion_run
+    config = yaml.safe_load(config_file.read_text())
     for experiment in config["run_experiments"]:
-        summary = EnsembleSummary.load(tmp_path / f"results/{experiment}/ensemble.json")
+        summary = EnsembleSummary.load(workdir / f"results/{experiment}/ensemble.json")
         assert len(summary.singles) == len(config["experiments"][experiment]["seeds"])
         assert summary.single_test_accuracy.mean > 0.3  # real images: well above chance (0.1)
-    assert (tmp_path / "results/report/summary.md").exists()
+    assert (workdir / "results/report/summary.md").exists()
 
 
 def test_lint_is_clean():
-    proc = subprocess.run([*SNAKEMAKE, "--lint", "--cores", "1"], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "Lints for" not in proc.stdout + proc.stderr
-
-
-def test_schema_rejects_unknown_key(tmp_path, cifar_archive):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"experiments": {"exp_sgd": {"optimiser": {"name": "sgd"}}}}))
-    proc = snakemake(tmp_path, [TINY, write_source(tmp_path, *cifar_archive), bad], "-n", check=False)
-    assert proc.returncode != 0
-    expected = "experiments.exp_sgd.optimiser: unknown key; did you mean 'optimizer'?"
-    assert expected in proc.stdout + proc.stderr
+    """`snakemake --lint` in the repository, through the API: no lints."""
+    with snakemake_api(ROOT, []) as workflow:
+        assert workflow.lint() is False
 
 
 def test_pretrained_experiments_fetch_weights_in_their_own_job(tmp_path, cifar_archive):
@@ -314,11 +292,12 @@ def test_pretrained_experiments_fetch_weights_in_their_own_job(tmp_path, cifar_a
     experiment = list(EXPERIMENTS)[-1]
     pretrained.write_text(yaml.safe_dump({"experiments": {experiment: {"model": {
         "name": "resnet18", "pretrained": True, "input_size": 64}}}}))
-    jobs = planned_jobs(tmp_path, [*configs, pretrained])
-    assert jobs["download_weights"] == 1
-    out = snakemake(tmp_path, [*configs, pretrained], "-n").stdout
-    weights_inputs = re.findall(r"rule train:\n\s+input: ([^\n]+)", out)
-    assert sum("resnet18_imagenet.pth" in line for line in weights_inputs) == len(EXPERIMENTS[experiment])
+    planned = dry_run(tmp_path, [*configs, pretrained])
+    assert job_counts(planned)["download_weights"] == 1
+    weights = [job for job in planned if job.rule == "train" and "resources/weights/resnet18_imagenet.pth"
+               in job.input]
+    assert len(weights) == len(EXPERIMENTS[experiment])
+    assert all(job.wildcards["experiment"] == experiment for job in weights)
     assert "download_weights" not in planned_jobs(tmp_path, configs)
 
 
@@ -370,22 +349,3 @@ def test_an_untrusted_archive_fails_cleanly_through_snakemake(tmp_path, case, me
     assert not marker.exists() and not list(tmp_path.rglob("escaped"))
     assert not (workdir / "resources/cifar10/raw").exists()
     assert not [p for p in workdir.rglob(".raw.*")], "a staging folder was left behind"
-
-
-NON_FINITE = [("training.optimizer.lr", ".nan"), ("runtime.eval_batch_size", ".inf"),
-              ("ensemble.bootstrap", ".inf")]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("field, value", NON_FINITE)
-def test_a_non_finite_number_fails_at_parse_time_through_snakemake(tmp_path, cifar_archive, field, value):
-    section, *keys = field.split(".")
-    text = f"{section}:\n" + "".join(f"{'  ' * (i + 1)}{k}:\n" for i, k in enumerate(keys[:-1]))
-    text += f"{'  ' * len(keys)}{keys[-1]}: {value}\n"
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(text)
-    proc = snakemake(tmp_path, [TINY, write_source(tmp_path, *cifar_archive), bad], "-n", check=False)
-    assert proc.returncode != 0
-    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("config error:")]
-    assert len(lines) == 1 and field in lines[0], proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
