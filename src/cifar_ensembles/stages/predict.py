@@ -67,20 +67,26 @@ def predict_to_files(model_path, data_path, split: str, probs_path, metrics_path
     return metrics
 
 
+def _members_on(models: list[str], images: np.ndarray, set_path, spec: PredictSpec) -> np.ndarray:
+    """Every member's probabilities on `images` (N x H x W x C of the set at `set_path`):
+    members x N x C."""
+    members = []
+    for path in models:
+        model, record = load_model(path)
+        if images.shape[-1] != record.in_channels:
+            raise UserError(f"{path}: the model takes {record.in_channels} channels, {set_path} has "
+                            f"{images.shape[-1]}; rebuild it with: snakemake --forcerun {set_path}")
+        members.append(_probabilities(path, model, record, images, spec))
+    return np.stack(members)
+
+
 def predict_shift(models: list[str], set_path, out, spec: PredictSpec, threads: int) -> np.ndarray:
     """One experiment's members on one corrupted set -> members x 5 x N x C probabilities in `out`
     (one job per experiment and corruption: retraining one experiment repredicts only its own)."""
     torch.set_num_threads(max(int(threads), 1))
     x = load_shift_set(set_path)["x"]  # severities x N x H x W x C
-    members = []
-    for path in models:
-        model, record = load_model(path)
-        if x.shape[-1] != record.in_channels:
-            raise UserError(f"{path}: the model takes {record.in_channels} channels, {set_path} has "
-                            f"{x.shape[-1]}")
-        probs = _probabilities(path, model, record, x.reshape(-1, *x.shape[2:]), spec)
-        members.append(probs.reshape(*x.shape[:2], -1))
-    probs = np.stack(members)
+    probs = _members_on(models, x.reshape(-1, *x.shape[2:]), set_path, spec)
+    probs = probs.reshape(len(models), *x.shape[:2], -1)
     save_npy(out, probs)
     return probs
 
@@ -91,14 +97,6 @@ def predict_ood(models: list[str], set_path, out, spec: PredictSpec, threads: in
     from ..files.ood_data import load_ood_set
 
     torch.set_num_threads(max(int(threads), 1))
-    x = load_ood_set(set_path)  # N x H x W x C, the test split's shape
-    members = []
-    for path in models:
-        model, record = load_model(path)
-        if x.shape[-1] != record.in_channels:
-            raise UserError(f"{path}: the model takes {record.in_channels} channels, {set_path} has "
-                            f"{x.shape[-1]}; rebuild it with: snakemake --forcerun {set_path}")
-        members.append(_probabilities(path, model, record, x, spec))
-    probs = np.stack(members)
+    probs = _members_on(models, load_ood_set(set_path), set_path, spec)  # the test split's shape
     save_npy(out, probs)
     return probs
