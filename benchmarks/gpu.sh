@@ -51,6 +51,9 @@ if ((smoke)); then MPS_FLOOR=10; fi
 start=$(date +%s)
 deadline=$((start + ${budget%.*}))
 left() { echo $((deadline - $(date +%s))); }
+# the time limit of a phase: what is left of the budget plus a grace, never under 5 s (timeout
+# takes 0 as "no limit" and refuses a negative one)
+limit() { local t=$(( $(left) + 20 )); (( t < 5 )) && t=5; echo "$t"; }
 logs="${json%.json}_logs"
 mkdir -p "$logs"
 # tee ignores the time limit's SIGTERM, so the last lines still reach the log and the screen
@@ -77,7 +80,7 @@ fi
 status=0
 # ------------------------------------------------- main phase: every section but MPS
 set +e
-timeout --foreground -k 10 $(($(left) + 20)) "$PY" -m benchmarks.gpu --deadline "$deadline" "${args[@]}"
+timeout --foreground -k 10 "$(limit)" "$PY" -m benchmarks.gpu --deadline "$deadline" "${args[@]}"
 status=$?
 set -e
 if ((status == 124 || status == 137)); then
@@ -102,7 +105,7 @@ trap stop_mps EXIT
 
 mps_phase() {
     local rc=0
-    timeout --foreground -k 10 $(($(left) + 20)) "$PY" -m benchmarks.gpu --phase mps --deadline "$deadline" "$@" "${args[@]}" \
+    timeout --foreground -k 10 "$(limit)" "$PY" -m benchmarks.gpu --phase mps --deadline "$deadline" "$@" "${args[@]}" \
         || rc=$?
     if ((rc != 0)); then
         echo "gpu.sh: the MPS phase exited $rc"

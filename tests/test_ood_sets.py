@@ -219,3 +219,14 @@ def test_the_shipped_configs_select_sets_that_work_there():
     assert default.selected_ood_sets == ["svhn", "cifar100", "uniform_noise", "smooth_noise"]
     assert from_data(OodSetSpec, {"images": None, "seed": 0, "set": {
         "kind": "digits", "source": None, "url": None, "md5": None, "sigma": None}}).images is None
+
+
+def test_a_mat_file_whose_compressed_data_inflates_past_the_bound_is_refused_while_inflating(tmp_path):
+    """scipy allocates what a compressed element declares: the inflated size is counted first,
+    1 MiB at a time, against SVHN's bound (lowered here); a file within it reads as before."""
+    path = tmp_path / "test_32x32.mat"
+    write_svhn(path, n=40)  # X alone inflates to 40 x 3,072 bytes
+    with pytest.raises(UserError, match=r"its data elements hold more than 100,000 bytes"):
+        ood_data.check_mat_inflation(path, 100_000, "ood.sets.svhn.source")
+    ood_data.check_mat_inflation(path, 1_000_000, "ood.sets.svhn.source")
+    assert ood_data.read_svhn_mat(path, "ood.sets.svhn.source").shape == (40, 32, 32, 3)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Annotated
@@ -337,3 +338,27 @@ def test_the_cli_has_no_defaults_for_config_values():
                 elif a.dest in keys and a.default is not None:
                     defaults.append(f"{sub.prog} --{a.dest}")
     assert not defaults, defaults
+
+
+def test_values_json_cannot_carry_pass_only_where_the_annotation_is_any():
+    """A model file's tensors sit beside typed fields: the tensors pass through untouched, and
+    the typed fields are checked as strictly as in a JSON file (no text for numbers or flags)."""
+    import torch
+
+    from cifar_ensembles.files.training_run import ModelRecord
+
+    weights = {"w": torch.ones(2)}
+    good = {"model": to_data(tiny_spec().model), "num_classes": 10, "in_channels": 3,
+            "mean": [0.5] * 3, "std": [0.25] * 3, "ema": False, "state_dict": weights}
+    record = from_data(ModelRecord, good)
+    assert record.state_dict["w"] is weights["w"] and record.mean == (0.5, 0.5, 0.5)
+    for field, bad, expected in (("num_classes", "10", 'num_classes: expected an integer, got "10"'),
+                                 ("ema", "yes", 'ema: expected true or false, got "yes"'),
+                                 ("mean", ["0.5"] * 3, 'mean[0]: expected a finite number, got "0.5"'),
+                                 ("num_classes", torch.tensor(10),
+                                  "num_classes: expected an integer, got Tensor"),
+                                 ("num_classes", 0, "num_classes: 0 is less than the minimum of 2"),
+                                 ("std", [0.25, 0.0, 0.25],
+                                  "std[1]: 0.0 is less than or equal to the minimum of 0")):
+        with pytest.raises(UserError, match="^" + re.escape(expected)):
+            from_data(ModelRecord, {**good, field: bad})

@@ -132,6 +132,10 @@ def _check_ood(spec: WorkflowSpec) -> None:
         if name not in spec.ood.sets:
             raise UserError(f"ood.run_sets: {name!r} is not a set in ood.sets{_suggest(name, spec.ood.sets)} "
                             f"(sets: {', '.join(spec.ood.sets)})")
+    for name in spec.selected_ood_sets:
+        if spec.ood.sets[name].kind == spec.dataset:
+            raise UserError(f"ood.run_sets: {name!r} is a {spec.dataset} set, the in-distribution dataset "
+                            f"itself: its images are not out of distribution; leave it out of ood.run_sets")
     for name, s in spec.ood.sets.items():
         where = f"ood.sets.{name}"
         if s.kind not in FILE_KINDS:

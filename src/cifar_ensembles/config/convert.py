@@ -4,11 +4,11 @@ The types and bounds are the dataclasses' own annotations (`Annotated[float, Fie
 pydantic checks them, and the config's JSON schema is generated from the same annotations
 (`config.schema`). One mechanism serves the config, the files the workflow reads back and
 the command line's arguments:
-- JSON-like data is checked in pydantic's strict JSON mode: every field present, no unknown
-  key, no text where a number belongs, no `true` where an integer belongs, every number
-  finite; lists become tuples where the annotation says so.
-- Data holding tensors (model and checkpoint files) cannot pass through JSON and is checked
-  in pydantic's Python mode, whose scalars are lax (text that spells a number passes).
+- Everything is checked in pydantic's strict JSON mode: every field present, no unknown key,
+  no text where a number belongs, no `true` where an integer belongs, every number finite;
+  lists become tuples where the annotation says so.
+- Values JSON cannot carry (the tensors of model and checkpoint files) stand in as markers
+  while the rest is checked, and are accepted only where the annotation is `Any`.
 A problem raises `UserError` naming the dotted path of the field
 (`experiments.a.optimizer.lr: expected a number greater than 0, got -1`), prefixed by `path`.
 """
@@ -59,16 +59,6 @@ def join(path: str, key: str | int) -> str:
 @cache
 def _adapter(tp) -> TypeAdapter:
     return TypeAdapter(tp)
-
-
-def _is_json(value) -> bool:
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_is_json(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_json(v) for k, v in value.items())
-    return False
 
 
 def _type_at(tp, loc: tuple):
@@ -124,6 +114,8 @@ def _step(tp, part):
 
 
 def _shown(value) -> str:
+    if isinstance(value, str) and value.startswith(OPAQUE):
+        return value.rsplit(":", 1)[-1]  # the type of a value JSON cannot carry
     if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
         return repr(value)  # nan, inf: what YAML and Python call them, not JSON's NaN
     plain = isinstance(value, (str, int, float, bool, type(None)))
@@ -187,19 +179,56 @@ def path_of(path: str, loc: tuple) -> str:
     return path
 
 
+OPAQUE = "\x00opaque:"  # stands in for a value JSON cannot carry (a tensor) while checking
+
+
+def _to_json_like(value, opaque: list):
+    """`value` with every leaf JSON cannot carry (tensors, arrays, dates) replaced by a marker
+    that indexes `opaque`: the rest is then checked as strictly as any JSON."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_to_json_like(v, opaque) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _to_json_like(v, opaque) for k, v in value.items()}
+    opaque.append(value)
+    return f"{OPAQUE}{len(opaque) - 1}:{type(value).__name__}"
+
+
+def _restore(obj, opaque: list):
+    """The checked object with the markers replaced by the values they stand for (only fields
+    typed `Any` can still hold one)."""
+    if isinstance(obj, str) and obj.startswith(OPAQUE):
+        return opaque[int(obj[len(OPAQUE):].split(":", 1)[0])]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            restored = _restore(value, opaque)
+            if restored is not value:
+                object.__setattr__(obj, f.name, restored)  # frozen: set once, before anyone sees it
+        return obj
+    if isinstance(obj, dict):
+        return {k: _restore(v, opaque) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_restore(v, opaque) for v in obj)
+    return obj
+
+
 def from_data(tp: type[T], value, path: str = "") -> T:
     """`value` (parsed JSON/YAML, or a torch file's dict) checked against `tp`; the first
-    problem raises UserError naming its field (see the module docstring)."""
+    problem raises UserError naming its field (see the module docstring). Values JSON cannot
+    carry (tensors) pass only where the annotation is `Any`."""
     try:
         adapter = _adapter(tp)
     except PydanticUserError as err:  # a type pydantic cannot check: a programming error
         raise TypeError(f"convert: unsupported annotation {tp!r}: {err}") from None
+    opaque: list = []
+    text = json.dumps(_to_json_like(value, opaque), allow_nan=True)
     try:
-        if _is_json(value):
-            return adapter.validate_json(json.dumps(value, allow_nan=True), strict=True)
-        return adapter.validate_python(value)
+        checked = adapter.validate_json(text, strict=True)
     except ValidationError as err:
         raise _message(tp, err.errors(include_url=False)[0], path) from None
+    return _restore(checked, opaque) if opaque else checked
 
 
 def to_data(obj) -> Any:

@@ -349,10 +349,21 @@ Severity = Annotated[int, Field(ge=1, le=5)]
 Coverage = Annotated[float, Field(gt=0, le=1)]
 
 
+def coverage_key(coverage: float) -> str:
+    """How selective.json names a coverage (0.9 -> "0.9"): coverages must differ in it."""
+    return f"{coverage:g}"
+
+
+def _unique_keys(values):
+    if len({coverage_key(v) for v in values}) != len(values):
+        raise PydanticCustomError("unique", "values must not repeat (to 6 significant digits)")
+    return values
+
+
 @spec
 class SelectiveSpec:
     severities: Annotated[tuple[Severity, ...], AfterValidator(_unique), Unique]
-    coverages: Annotated[tuple[Coverage, ...], Field(min_length=1), AfterValidator(_unique), Unique]
+    coverages: Annotated[tuple[Coverage, ...], Field(min_length=1), AfterValidator(_unique_keys), Unique]
 
 
 @spec

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +73,43 @@ def _svhn_file(name: str, source, url, md5, staging: Path) -> Path:
     return path
 
 
+MAT_COMPRESSED = 15  # MATLAB 5's miCOMPRESSED data element: a zlib stream
+
+
+def check_mat_inflation(path: Path, bound: int, where: str) -> None:
+    """Every top-level data element of a MATLAB 5 file holds at most `bound` bytes in all, its
+    zlib streams counted while they are inflated 1 MiB at a time and nothing kept: scipy would
+    allocate what a compressed element declares (a 1 MB file can inflate to gigabytes)."""
+    total, step, size = 0, 1 << 20, path.stat().st_size
+    with open(path, "rb") as f:
+        header = f.read(128)
+        if len(header) < 128 or header[126:128] not in (b"IM", b"MI"):
+            raise UserError(f"{where}: {path}: not a readable MATLAB 5 file (no MATLAB 5 header)")
+        endian = "<" if header[126:128] == b"IM" else ">"
+        while len(tag := f.read(8)) == 8:
+            kind, nbytes = struct.unpack(endian + "II", tag)
+            if kind != MAT_COMPRESSED:
+                if f.tell() + nbytes > size:
+                    raise UserError(f"{where}: {path}: not a readable MATLAB 5 file (an element declares "
+                                    f"{nbytes:,} bytes past the end of the file)")
+                total += nbytes
+                f.seek(nbytes + (-nbytes % 8), os.SEEK_CUR)
+            else:
+                inflater, left = zlib.decompressobj(), nbytes
+                while left > 0 and (chunk := f.read(min(left, step))):
+                    left -= len(chunk)
+                    while chunk and total <= bound:
+                        try:
+                            total += len(inflater.decompress(chunk, step))
+                        except zlib.error as err:
+                            raise UserError(f"{where}: {path}: not a readable MATLAB 5 file "
+                                            f"(a damaged compressed element: {err})") from None
+                        chunk = inflater.unconsumed_tail
+            if total > bound:
+                raise UserError(f"{where}: {path}: its data elements hold more than {bound:,} bytes "
+                                "(more than SVHN's test split can take); refused before they were read")
+
+
 def read_svhn_mat(path: str | os.PathLike, where: str) -> np.ndarray:
     """SVHN's X from a MATLAB 5 file as N x 32 x 32 x 3 uint8: headers checked before data."""
     import scipy.io
@@ -80,6 +119,7 @@ def read_svhn_mat(path: str | os.PathLike, where: str) -> np.ndarray:
     if size > SVHN_FILE_BOUND:
         raise UserError(f"{where}: {path}: {size:,} bytes, more than the {SVHN_FILE_BOUND:,} SVHN's "
                         "test split can take; nothing was read")
+    check_mat_inflation(path, SVHN_FILE_BOUND, where)
     try:
         headers = {n: (tuple(shape), cls) for n, shape, cls in scipy.io.whosmat(str(path))}
     except NotImplementedError:

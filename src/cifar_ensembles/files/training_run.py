@@ -15,10 +15,12 @@ import math
 import os
 import typing
 from dataclasses import fields
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from ..config.convert import spec, to_data
-from ..config.spec import ModelSpec
+from ..config.spec import ModelSpec, choice
 from .atomic import torch_save, write_text
 from .records import DamagedFile, check_format, error_line, load_torch_file, typed_body
 
@@ -29,10 +31,10 @@ CHECKPOINT_FORMAT = "cifar-ensembles/checkpoint-2"
 @spec
 class ModelRecord:
     model: ModelSpec
-    num_classes: int
-    in_channels: int
+    num_classes: Annotated[int, Field(ge=2)]
+    in_channels: choice(1, 3)
     mean: tuple[float, ...]
-    std: tuple[float, ...]
+    std: tuple[Annotated[float, Field(gt=0)], ...]
     ema: bool
     state_dict: dict[str, Any]
 

@@ -22,7 +22,7 @@ import numpy as np
 from ..analysis import uncertainty as u
 from ..analysis.metrics import bootstrap_indices
 from ..analysis.votes import hard_vote, member_subsets, soft_vote
-from ..config.spec import EnsembleSpec, OodSetSpec, SelectiveSpec
+from ..config.spec import EnsembleSpec, OodSetSpec, SelectiveSpec, coverage_key
 from ..errors import UserError
 from ..files import splits
 from ..files.arrays import load_members, load_probability_array, load_shift_probs, load_shift_set
@@ -255,22 +255,18 @@ def _mean_std(values) -> MeanStd:
     return MeanStd(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else 0.0, per_seed=v.tolist())
 
 
-def _key(coverage: float) -> str:
-    return f"{coverage:g}"
-
-
 def selective_curve(set_name: str, severity: int, probs: np.ndarray, labels: np.ndarray,
                     summary: EnsembleSummary, coverages) -> SelectiveCurve:
     """Single models ranked by their MSP; the chosen ensemble by the mean probability its
     members give the class it votes for (its MSP under soft voting)."""
-    accuracy, aurcs, at, risks = [], [], {_key(c): [] for c in coverages}, []
+    accuracy, aurcs, at, risks = [], [], {coverage_key(c): [] for c in coverages}, []
     for p in probs:
         correct = p.argmax(-1) == labels
         r = u.risk_coverage(p.max(-1), correct)
         accuracy.append(float(correct.mean()))
         aurcs.append(u.aurc(r))
         for c in coverages:
-            at[_key(c)].append(u.accuracy_at(r, c))
+            at[coverage_key(c)].append(u.accuracy_at(r, c))
         risks.append(u.risk_at(r, COVERAGE_GRID))
     single = SingleSelective(accuracy=_mean_std(accuracy), aurc=_mean_std(aurcs),
                              accuracy_at={c: _mean_std(v) for c, v in at.items()},
@@ -282,7 +278,7 @@ def selective_curve(set_name: str, severity: int, probs: np.ndarray, labels: np.
     r = u.risk_coverage(conf, correct)
     ensemble = EnsembleSelective(accuracy=float(correct.mean()), aurc=u.aurc(r),
                                  optimal_aurc=u.optimal_aurc(correct),
-                                 accuracy_at={_key(c): u.accuracy_at(r, c) for c in coverages},
+                                 accuracy_at={coverage_key(c): u.accuracy_at(r, c) for c in coverages},
                                  risk=u.risk_at(r, COVERAGE_GRID).tolist())
     return SelectiveCurve(set=set_name, severity=severity, images=int(len(labels)), single=single,
                           ensemble=ensemble)

@@ -86,6 +86,8 @@ def _npy(fileobj, what, bound: int) -> np.ndarray:
         raise UserError(f"shift.source: {what}: not a plain .npy array ({error_line(err)})") from None
     if dtype.hasobject:
         raise UserError(f"shift.source: {what}: not a plain .npy array (Python objects, a pickle)")
+    if any(not isinstance(d, int) or d < 0 for d in shape):
+        raise UserError(f"shift.source: {what}: not a plain .npy array (its header declares shape {shape})")
     count = int(np.prod(shape, dtype=object))
     declared = fileobj.tell() + count * dtype.itemsize
     if declared > bound:
