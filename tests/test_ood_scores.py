@@ -163,6 +163,20 @@ def test_risk_coverage_ranks_by_confidence_not_by_position():
     np.testing.assert_allclose(u.risk_coverage(conf, correct), [0.0, 0.0, 1 / 3])
 
 
+def test_risk_coverage_spreads_a_tie_s_errors_over_its_images():
+    """Equal confidences cannot be ordered: within a tie the risk is its expectation over the
+    tie's orders, whatever order the images come in."""
+    conf = np.array([0.9, 0.5, 0.5, 0.5, 0.5, 0.1])
+    correct = np.array([True, True, False, True, False, False])
+    # the tie (4 images, 2 errors) adds 0.5 expected errors per image
+    expected = np.array([0.0, 0.5 / 2, 1.0 / 3, 1.5 / 4, 2.0 / 5, 3.0 / 6])
+    np.testing.assert_allclose(u.risk_coverage(conf, correct), expected)
+    permutation = np.array([5, 3, 0, 2, 4, 1])
+    np.testing.assert_allclose(u.risk_coverage(conf[permutation], correct[permutation]), expected)
+    # the optimal ranking (correct first) is one big tie per class and stays exact
+    assert u.optimal_aurc(correct) == pytest.approx(np.mean([0, 0, 0, 1 / 4, 2 / 5, 3 / 6]))
+
+
 def test_risk_at_fixed_coverages():
     risks = np.array([0.0, 0.5, 1 / 3, 0.25])
     np.testing.assert_allclose(u.risk_at(risks, np.array([0.25, 0.5, 0.6, 1.0])), [0.0, 0.5, 1 / 3, 0.25])

@@ -3,6 +3,9 @@ ensemble, ensemble size, the stated conventions, and damaged input named in one 
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 from conftest import ensemble_spec, make_data
@@ -17,6 +20,7 @@ from cifar_ensembles.files.atomic import save_npy, save_npz
 from cifar_ensembles.files.ensemble_summary import EnsembleSummary
 from cifar_ensembles.files.ood_data import save_ood_set
 from cifar_ensembles.files.ood_summary import OodSummary, SelectiveSummary
+from cifar_ensembles.files.records import DamagedFile
 from cifar_ensembles.stages.ensemble import ensemble_to_files
 from cifar_ensembles.stages.ood import ood_summary_to_file, selective_to_file
 
@@ -152,3 +156,21 @@ def test_selective_on_clean_and_corrupted_images(experiment, tmp_path):
     alone = selective_to_file("exp", tmp / "ensemble.json", experiment["test_paths"], tmp / "data.npz",
                               {}, {}, spec, tmp_path / "alone.json")
     assert [c.set for c in alone.curves] == ["clean"] and alone.corruptions == []
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda s: s["scores"].pop("disagreement"), "scores and by_size must name every score"),
+    (lambda s: s["by_size"].pop("msp"), "scores and by_size must name every score"),
+    (lambda s: s["roc"]["ensemble"].pop("epistemic"), "ROC curves do not fit the scores"),
+    (lambda s: s["roc"]["single"]["msp"].pop(), "ROC curves are not one value per FPR"),
+    (lambda s: s["scores"]["msp"]["single"].pop("fpr95"), "the single models lack metrics"),
+])
+def test_a_hand_edited_ood_json_that_does_not_fit_together_is_one_line(experiment, tmp_path, edit, problem):
+    """Every field has its type, yet the parts do not fit: refused on load, before a figure or
+    the summary reads a score that is not there."""
+    data = json.loads((experiment["tmp"] / "ood.json").read_text())
+    edit(data["sets"][0])
+    path = tmp_path / "ood.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DamagedFile, match=re.escape(problem)):
+        OodSummary.load(path)

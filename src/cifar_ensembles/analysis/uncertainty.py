@@ -171,10 +171,21 @@ def percentile_ci(values: np.ndarray, level: float) -> tuple[float, float]:
 # ------------------------------------------------------------------ selective prediction
 def risk_coverage(conf: np.ndarray, correct: np.ndarray) -> np.ndarray:
     """Selective risk at coverage n/N for n = 1..N: the error rate of the n most confident
-    images (ties in confidence keep the images' order: a stable sort)."""
-    order = np.argsort(-np.asarray(conf, dtype=np.float64), kind="stable")
-    errors = np.cumsum(1.0 - np.asarray(correct, dtype=np.float64)[order])
-    return errors / np.arange(1, len(order) + 1)
+    images. Images of equal confidence cannot be ordered, so within a tie the risk is its
+    expectation over their orders (the tie's errors spread evenly over its images): the curve
+    does not depend on the order the images happen to come in."""
+    conf = np.asarray(conf, dtype=np.float64)
+    order = np.argsort(-conf, kind="stable")
+    ranked, errors = conf[order], 1.0 - np.asarray(correct, dtype=np.float64)[order]
+    first = np.r_[True, ranked[1:] != ranked[:-1]]  # each tie's first position
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], len(ranked)]
+    cumulative = np.r_[0.0, np.cumsum(errors)]
+    before, inside = cumulative[starts], cumulative[ends] - cumulative[starts]
+    tie = np.cumsum(first) - 1
+    position = np.arange(1, len(ranked) + 1) - starts[tie]  # 1.. within the tie
+    expected = before[tie] + position * inside[tie] / (ends - starts)[tie]
+    return expected / np.arange(1, len(ranked) + 1)
 
 
 def aurc(risks: np.ndarray) -> float:

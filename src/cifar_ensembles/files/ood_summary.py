@@ -84,7 +84,18 @@ class OodSummary(JsonRecord):
     def _misfit(self) -> str | None:
         m = len(self.seeds)
         for s in self.sets:
+            if set(s.scores) != set(self.score_names) or set(s.by_size) != set(self.score_names):
+                return f"set {s.set}: scores and by_size must name every score of score_names"
+            singles = {n for n, r in s.scores.items() if r.single is not None}
+            if not {"msp", "entropy"} <= singles or set(s.roc.single) != singles or \
+                    set(s.roc.ensemble) != set(self.score_names):
+                return f"set {s.set}: ROC curves do not fit the scores"
+            curves = [*s.roc.single.values(), *s.roc.ensemble.values()]
+            if any(len(curve) != len(s.roc.fpr) for curve in curves):
+                return f"set {s.set}: ROC curves are not one value per FPR"
             for name, score in s.scores.items():
+                if score.single is not None and set(score.single) != set(METRIC_NAMES):
+                    return f"set {s.set}: score {name}: the single models lack metrics"
                 if set(score.ensemble) != set(METRIC_NAMES):
                     return f"set {s.set}: score {name} lacks metrics"
                 if score.single is not None and any(len(v.per_seed) != m for v in score.single.values()):
