@@ -35,6 +35,9 @@ def hard_vote(probs: np.ndarray) -> np.ndarray:
     return _hard_vote_from(vote_counts(probs), probs.sum(axis=0, dtype=np.float64), probs.shape[0])
 
 
+VOTES = {"soft": soft_vote, "hard": hard_vote}  # ensemble.method -> how members combine
+
+
 def first_k_accuracy(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     """Accuracy of the ensembles of the first k members, k = 1..M, for both votes.
 

@@ -5,6 +5,7 @@ read without running code and without writing outside its folder (`safe_pickle`,
 (`training_run`, `ensemble_summary`, `shift_summary`, `ood_summary`, `arrays`), on the
 shared error plumbing of `records`.
 
-May import: `errors`, `config`, and `transforms.corruptions` (the severities of a shift set);
-never a stage.
+May import: `errors`, `config`, `transforms.corruptions` (the severities of a shift set),
+`analysis.uncertainty` (the scores and metrics an ood.json must hold), `models` (to check
+weights load); never a stage.
 """

@@ -64,7 +64,7 @@ def load_members(paths, n_images: int, where: str) -> np.ndarray:
     return np.stack(arrays)
 
 
-def _npy_header(npz, key: str) -> tuple[tuple[int, ...], np.dtype]:
+def npy_header(npz, key: str) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) of one array of an .npz from its header alone; its data stays unread."""
     with npz.zip.open(f"{key}.npy") as f:
         version = np.lib.format.read_magic(f)
@@ -81,7 +81,7 @@ def load_shift_set(path, images: bool = True) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             data = {k: npz[k] for k in (("x", "y", "index") if images else ("y", "index"))}
-            shape, dtype = (data["x"].shape, data["x"].dtype) if images else _npy_header(npz, "x")
+            shape, dtype = (data["x"].shape, data["x"].dtype) if images else npy_header(npz, "x")
     except FileNotFoundError:
         raise DamagedFile(path, "missing") from None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from .arrays import npy_header
 from .atomic import save_npz
 from .records import DamagedFile, error_line
 
@@ -182,17 +183,20 @@ def save_ood_set(path, x: np.ndarray, index: np.ndarray) -> None:
     save_npz(path, x=x, index=index)
 
 
-def load_ood_set(path, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """A prepared OOD set's images (N x H x W x C uint8), checked; `shape`: the H x W x C it must have."""
+def load_ood_set(path, shape: tuple[int, ...] | None = None, images: bool = True):
+    """A prepared OOD set's images (N x H x W x C uint8), checked; `shape`: the H x W x C it must
+    have. Without `images` (the analyses only count them) x's header is checked and its shape
+    returned, its data left unread."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            x = npz["x"]
+            x = npz["x"] if images else None
+            found, dtype = (x.shape, x.dtype) if images else npy_header(npz, "x")
     except FileNotFoundError:
         raise DamagedFile(path, "missing") from None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise DamagedFile(path, f"not a prepared OOD set ({error_line(err)})") from None
-    if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 4 and len(x)
-            and x.shape[-1] in (1, 3) and (shape is None or x.shape[1:] == tuple(shape))):
-        raise DamagedFile(path, f"damaged OOD set (x {getattr(x, 'dtype', '?')} {getattr(x, 'shape', '?')}"
+    if not (dtype == np.uint8 and len(found) == 4 and found[0] and found[-1] in (1, 3)
+            and (shape is None or tuple(found[1:]) == tuple(shape))):
+        raise DamagedFile(path, f"damaged OOD set (x {dtype} {tuple(found)}"
                                 + (f", expected N x {' x '.join(map(str, shape))})" if shape else ")"))
-    return x
+    return x if images else tuple(found)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from ..analysis.uncertainty import METRICS, SINGLE_SCORES
 from ..config.convert import spec
 from .ensemble_summary import Bootstrap, Spread
 from .records import JsonRecord
 
 OOD_FORMAT = "cifar-ensembles/ood-1"
 SELECTIVE_FORMAT = "cifar-ensembles/selective-1"
-METRIC_NAMES = ("auroc", "aupr_in", "aupr_out", "fpr95")
 
 
 @spec
@@ -87,16 +87,16 @@ class OodSummary(JsonRecord):
             if set(s.scores) != set(self.score_names) or set(s.by_size) != set(self.score_names):
                 return f"set {s.set}: scores and by_size must name every score of score_names"
             singles = {n for n, r in s.scores.items() if r.single is not None}
-            if not {"msp", "entropy"} <= singles or set(s.roc.single) != singles or \
+            if singles != set(SINGLE_SCORES) or set(s.roc.single) != singles or \
                     set(s.roc.ensemble) != set(self.score_names):
                 return f"set {s.set}: ROC curves do not fit the scores"
             curves = [*s.roc.single.values(), *s.roc.ensemble.values()]
             if any(len(curve) != len(s.roc.fpr) for curve in curves):
                 return f"set {s.set}: ROC curves are not one value per FPR"
             for name, score in s.scores.items():
-                if score.single is not None and set(score.single) != set(METRIC_NAMES):
+                if score.single is not None and set(score.single) != set(METRICS):
                     return f"set {s.set}: score {name}: the single models lack metrics"
-                if set(score.ensemble) != set(METRIC_NAMES):
+                if set(score.ensemble) != set(METRICS):
                     return f"set {s.set}: score {name} lacks metrics"
                 if score.single is not None and any(len(v.per_seed) != m for v in score.single.values()):
                     return f"set {s.set}: score {name}: singles are not one per seed"

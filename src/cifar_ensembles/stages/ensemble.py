@@ -22,10 +22,10 @@ from ..analysis.metrics import (
     temperature_scale,
 )
 from ..analysis.votes import (
+    VOTES,
     choose_size,
     first_k_accuracy,
     greedy_selection,
-    hard_vote,
     soft_vote,
     subset_curve,
 )
@@ -101,7 +101,7 @@ def _single_stats(singles: list[SingleModel], test, y_test, boot) -> SingleStats
 
 def analyse(seeds, val, y_val, test, y_test, spec: EnsembleSpec) -> EnsembleSummary:
     """Everything the report says about one experiment's members."""
-    vote = soft_vote if spec.method == "soft" else hard_vote
+    vote = VOTES[spec.method]
     first_k = {"val": first_k_accuracy(val, y_val), "test": first_k_accuracy(test, y_test)}
     k = choose_size(first_k["val"][spec.method])
     boot = bootstrap_indices(len(y_test), spec.bootstrap, spec.bootstrap_seed)

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..analysis import uncertainty as u
 from ..analysis.metrics import bootstrap_indices
-from ..analysis.votes import hard_vote, member_subsets, soft_vote
+from ..analysis.votes import VOTES, member_subsets
 from ..config.spec import EnsembleSpec, OodSetSpec, SelectiveSpec, coverage_key
 from ..errors import UserError
 from ..files import splits
@@ -229,9 +229,9 @@ def ood_summary_to_file(experiment: str, summary_path, test_paths, ood_paths: di
     results = []
     for name, path in ood_paths.items():
         ood = _read_ood_probs(path, test.shape[0], test.shape[2])
-        images = load_ood_set(set_paths[name])
-        if len(images) != ood.shape[1]:
-            raise UserError(f"{path}: {ood.shape[1]} images, but {set_paths[name]} has {len(images)}; "
+        images = load_ood_set(set_paths[name], images=False)[0]  # counted from its header
+        if images != ood.shape[1]:
+            raise UserError(f"{path}: {ood.shape[1]} images, but {set_paths[name]} has {images}; "
                             f"rebuild it with: snakemake --forcerun {path}")
         results.append(set_result(name, kinds[name], test, ood, summary, spec))
     result = OodSummary(
@@ -247,7 +247,7 @@ def ood_summary_to_file(experiment: str, summary_path, test_paths, ood_paths: di
 def _vote(probs: np.ndarray, summary: EnsembleSummary) -> np.ndarray:
     """The chosen ensemble's predictions: its first k members, voted as in ensemble.json."""
     members = probs[: summary.chosen_k]
-    return hard_vote(members) if summary.method == "hard" else soft_vote(members)
+    return VOTES[summary.method](members)
 
 
 def _mean_std(values) -> MeanStd:

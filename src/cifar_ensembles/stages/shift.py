@@ -29,7 +29,7 @@ from ..analysis.shift_metrics import (
     relative_corruption_error,
     scored,
 )
-from ..analysis.votes import hard_vote, soft_vote
+from ..analysis.votes import VOTES
 from ..config.convert import spec
 from ..config.spec import EnsembleSpec, ShiftSetSpec
 from ..errors import UserError
@@ -225,7 +225,7 @@ def _vote(probs: np.ndarray, summary: EnsembleSummary) -> np.ndarray:
     """The chosen ensemble's predictions (probs: members x N x C): its first k members, voted as
     in ensemble.json, so that the clean accuracy here equals the ensemble's there."""
     members = probs[: summary.chosen_k]
-    return hard_vote(members) if summary.method == "hard" else soft_vote(members)
+    return VOTES[summary.method](members)
 
 
 def set_scores(
