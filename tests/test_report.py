@@ -321,7 +321,8 @@ def summary_args(case, out_md, out_csv, comparisons=None, published=None, ensemb
             "--runs", json.dumps(runs or case["runs"]),
             "--comparisons", str(comparisons or case["comparisons"]),
             "--published", json.dumps(PUBLISHED if published is None else published),
-            "--shift", "{}", "--diversity", "{}", "--out", str(out_md), str(out_csv)]
+            "--shift", "{}", "--diversity", "{}", "--ood", "{}", "--selective", "{}",
+            "--out", str(out_md), str(out_csv)]
 
 
 def run_summary(case, out_md, out_csv, **files):

@@ -121,13 +121,15 @@ def cmd_shift_set(a) -> None:
     print(f"{a.corruption}: severities 1-5 of {x.shape[1]} test images -> {a.out}", file=sys.stderr)
 
 
-def cmd_predict_shift(a) -> None:
+def cmd_predict_members(a) -> None:
+    """Every member of one experiment on one prepared set (predict-shift, predict-ood)."""
     from .compute.gpu_claim import SLOTS, claim_gpu_for_job
-    from .stages.predict import predict_shift
+    from .stages import predict
 
     spec = _spec(PredictSpec, a.spec)
     claim_gpu_for_job(spec.device, None, jobs_per_gpu=SLOTS)  # one slot, as predict
-    predict_shift(a.models, a.set, a.out, spec, a.threads)
+    {"predict-shift": predict.predict_shift, "predict-ood": predict.predict_ood}[a.command](
+        a.models, a.set, a.out, spec, a.threads)
 
 
 def cmd_shift(a) -> None:
@@ -151,15 +153,6 @@ def cmd_ood_set(a) -> None:
 
     x = make_ood_set(a.name, _spec(OodSetSpec, a.spec), a.data, a.out)
     print(f"{a.name}: {len(x)} images of {' x '.join(map(str, x.shape[1:]))} -> {a.out}", file=sys.stderr)
-
-
-def cmd_predict_ood(a) -> None:
-    from .compute.gpu_claim import SLOTS, claim_gpu_for_job
-    from .stages.predict import predict_ood
-
-    spec = _spec(PredictSpec, a.spec)
-    claim_gpu_for_job(spec.device, None, jobs_per_gpu=SLOTS)  # one slot, as predict
-    predict_ood(a.models, a.set, a.out, spec, a.threads)
 
 
 def cmd_ood(a) -> None:
@@ -303,8 +296,8 @@ def _add_report_parsers(sub) -> None:
     s.add_argument("--shift", required=True, help="{name: shift.json} ({} when the shift stage is off)")
     s.add_argument("--diversity", required=True, help="{name: diversity.json}")
     # file maps, not config values: the rule always passes them; without them, no such section
-    s.add_argument("--ood", default="{}", help="{name: ood.json} ({}: the OOD stage is off)")
-    s.add_argument("--selective", default="{}", help="{name: selective.json} ({}: no such section)")
+    s.add_argument("--ood", required=True, help="{name: ood.json} ({} when the OOD stage is off)")
+    s.add_argument("--selective", required=True, help="{name: selective.json}")
     s.add_argument("--published", required=True, help="report.published (JSON)")
     s.add_argument("--out", nargs=2, required=True, metavar=("MD", "CSV"))
 
@@ -372,6 +365,16 @@ def _add_ensemble_parsers(sub) -> None:
     s.set_defaults(func=cmd_compare)
 
 
+def _add_members_parser(sub, name: str, help_text: str) -> None:
+    s = sub.add_parser(name, help=help_text)
+    s.add_argument("--set", required=True)
+    s.add_argument("--models", required=True, nargs="+", help="model.pt per seed, in seed order")
+    s.add_argument("--out", required=True)
+    s.add_argument("--spec", required=True, help="{device, batch_size} (JSON)")
+    s.add_argument("--threads", required=True, type=int)
+    s.set_defaults(func=cmd_predict_members)
+
+
 def _add_shift_parsers(sub) -> None:
     s = sub.add_parser("shift-set", help="one corruption at severities 1-5 of the test split")
     s.add_argument("--dataset", required=True)
@@ -381,13 +384,7 @@ def _add_shift_parsers(sub) -> None:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_shift_set)
 
-    s = sub.add_parser("predict-shift", help="one experiment's members on one corrupted set")
-    s.add_argument("--set", required=True)
-    s.add_argument("--models", required=True, nargs="+", help="model.pt per seed, in seed order")
-    s.add_argument("--out", required=True)
-    s.add_argument("--spec", required=True, help="{device, batch_size} (JSON)")
-    s.add_argument("--threads", required=True, type=int)
-    s.set_defaults(func=cmd_predict_shift)
+    _add_members_parser(sub, "predict-shift", "one experiment's members on one corrupted set")
 
     s = sub.add_parser("shift", help="scores under shift, corruption error, the ensemble's gain")
     s.add_argument("--experiment", required=True)
@@ -420,13 +417,7 @@ def _add_ood_parsers(sub) -> None:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_ood_set)
 
-    s = sub.add_parser("predict-ood", help="one experiment's members on one OOD set")
-    s.add_argument("--set", required=True)
-    s.add_argument("--models", required=True, nargs="+", help="model.pt per seed, in seed order")
-    s.add_argument("--out", required=True)
-    s.add_argument("--spec", required=True, help="{device, batch_size} (JSON)")
-    s.add_argument("--threads", required=True, type=int)
-    s.set_defaults(func=cmd_predict_ood)
+    _add_members_parser(sub, "predict-ood", "one experiment's members on one OOD set")
 
     s = sub.add_parser("ood", help="OOD detection: scores, AUROC/AUPR/FPR95, single vs ensemble, by size")
     s.add_argument("--experiment", required=True)

@@ -14,13 +14,11 @@ purpose: Snakemake imports it at parse time (no torch).
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
-from collections.abc import Iterable
 
 from ..errors import UserError
-from .convert import UnknownKey
+from .convert import UnknownKey, did_you_mean
 from .spec import WorkflowSpec, origin, resolve
 
 # Images in the standard archives (torchvision's MD5 enforces them when data.md5 is null).
@@ -84,18 +82,13 @@ def _join(path: str, key: str) -> str:
     return key if path in ("config", "") else f"{path}.{key}"
 
 
-def _suggest(word: str, choices: Iterable) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 # --------------------------------------------------------------- semantic checks
 def check_semantics(config: dict, spec: WorkflowSpec) -> None:
     """What the schema cannot express, on the resolved spec; names the key a value comes from."""
     for name in spec.run_experiments or ():
         if name not in spec.experiments:
             raise UserError(f"run_experiments: {name!r} is not an experiment in the config"
-                            f"{_suggest(name, spec.experiments)} "
+                            f"{did_you_mean(name, spec.experiments)} "
                             f"(experiments: {', '.join(spec.experiments)})")
     for name, experiment in spec.experiments.items():
         training = experiment.training
@@ -114,7 +107,7 @@ def check_semantics(config: dict, spec: WorkflowSpec) -> None:
     for name in spec.shift.run_corruptions or ():
         if name not in spec.shift.corruptions:
             raise UserError(f"shift.run_corruptions: {name!r} is not a corruption in the config"
-                            f"{_suggest(name, spec.shift.corruptions)}")
+                            f"{did_you_mean(name, spec.shift.corruptions)}")
     baseline = spec.shift.baseline
     if spec.selected_corruptions and baseline is not None and baseline not in spec.selected:
         raise UserError(f"shift.baseline: {baseline!r} is not among the experiments this run builds "
@@ -130,8 +123,8 @@ def _check_ood(spec: WorkflowSpec) -> None:
     """Run sets exist; a set's keys fit its kind (files have a source or URL, noise a sigma)."""
     for name in spec.ood.run_sets or ():
         if name not in spec.ood.sets:
-            raise UserError(f"ood.run_sets: {name!r} is not a set in ood.sets{_suggest(name, spec.ood.sets)} "
-                            f"(sets: {', '.join(spec.ood.sets)})")
+            raise UserError(f"ood.run_sets: {name!r} is not a set in ood.sets"
+                            f"{did_you_mean(name, spec.ood.sets)} (sets: {', '.join(spec.ood.sets)})")
     for name in spec.selected_ood_sets:
         if spec.ood.sets[name].kind == spec.dataset:
             raise UserError(f"ood.run_sets: {name!r} is a {spec.dataset} set, the in-distribution dataset "

@@ -40,14 +40,19 @@ def spec(cls: type[T]) -> type[T]:
     return dataclasses.dataclass(frozen=True)(cls)
 
 
+def did_you_mean(word, choices) -> str:
+    """"; did you mean 'x'?" for the choice closest to a misspelt `word`, else nothing."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 class UnknownKey(UserError):
     """A key no field has; `check` turns keys of earlier releases into where they live now."""
 
     def __init__(self, path: str, key: str, allowed: list[str]):
         self.path, self.key, self.allowed = path, key, allowed
-        close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        super().__init__(f"{join(path, key)}: unknown key{hint} (allowed: {', '.join(allowed)})")
+        super().__init__(f"{join(path, key)}: unknown key{did_you_mean(key, allowed)} "
+                         f"(allowed: {', '.join(allowed)})")
 
 
 def join(path: str, key: str | int) -> str:
@@ -86,8 +91,7 @@ def _options(tp) -> tuple:
 def _hint(kind: str, value, options: tuple) -> str:
     """What the user most likely meant: a close choice, or a number YAML read as text."""
     if kind == "literal_error" and isinstance(value, str):
-        close = difflib.get_close_matches(value, [str(o) for o in options], n=1, cutoff=0.6)
-        return f"; did you mean {close[0]!r}?" if close else ""
+        return did_you_mean(value, options)
     if kind in ("float_type", "int_type") and isinstance(value, str):
         text = value.strip()
         if re.fullmatch(r"[+-]?\d+[eE][+-]?\d+", text):  # YAML 1.1 wants a dot: 1.0e-4
