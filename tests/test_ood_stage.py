@@ -115,7 +115,7 @@ def test_the_ensemble_is_the_chosen_one_and_by_size_agrees(experiment):
 def test_damaged_ood_probabilities_are_named(experiment, tmp_path):
     tmp = experiment["tmp"]
     save_npy(tmp_path / "bad.npy", experiment["ood"][:2])  # 2 members, not 3
-    with pytest.raises(UserError, match=r"bad\.npy: expected 3 members"):
+    with pytest.raises(UserError, match=r"bad\.npy: damaged OOD probabilities .*expected 3 members"):
         ood_summary_to_file("exp", tmp / "ensemble.json", experiment["test_paths"],
                             {"flat": str(tmp_path / "bad.npy")}, {"flat": str(tmp / "set.npz")},
                             {"flat": "digits"}, tmp / "data.npz", experiment["spec"], tmp_path / "ood.json")

@@ -25,7 +25,7 @@ from ..analysis.votes import VOTES, member_subsets
 from ..config.spec import EnsembleSpec, OodSetSpec, SelectiveSpec, coverage_key
 from ..errors import UserError
 from ..files import splits
-from ..files.arrays import load_members, load_probability_array, load_shift_probs, load_shift_set
+from ..files.arrays import load_members, load_ood_probs, load_shift_probs, load_shift_set
 from ..files.ensemble_summary import Bootstrap, EnsembleSummary, Spread
 from ..files.ood_data import (
     load_cifar100_test,
@@ -132,14 +132,6 @@ def make_ood_set(name: str, spec: OodSetSpec, data_path, out) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ ood.json
-def _read_ood_probs(path, members: int, classes: int) -> np.ndarray:
-    probs = load_probability_array(path, 3, "OOD probability array")
-    if probs.shape[0] != members or probs.shape[2] != classes:
-        raise UserError(f"{path}: expected {members} members x images x {classes} classes, got shape "
-                        f"{probs.shape}; rebuild it with: snakemake --forcerun {path}")
-    return probs
-
-
 def _conf(probs: np.ndarray, names) -> dict[str, np.ndarray]:
     scores = u.uncertainty_scores(probs)
     return {n: u.confidence(n, scores[n]) for n in names}
@@ -228,11 +220,8 @@ def ood_summary_to_file(experiment: str, summary_path, test_paths, ood_paths: di
     test = load_members(test_paths, len(data["y_test"]), "the test split")
     results = []
     for name, path in ood_paths.items():
-        ood = _read_ood_probs(path, test.shape[0], test.shape[2])
         images = load_ood_set(set_paths[name], images=False)[0]  # counted from its header
-        if images != ood.shape[1]:
-            raise UserError(f"{path}: {ood.shape[1]} images, but {set_paths[name]} has {images}; "
-                            f"rebuild it with: snakemake --forcerun {path}")
+        ood = load_ood_probs(path, test.shape[0], images, test.shape[2])
         results.append(set_result(name, kinds[name], test, ood, summary, spec))
     result = OodSummary(
         experiment=experiment, seeds=summary.seeds, members=summary.members, method=summary.method,
