@@ -14,9 +14,10 @@ import argparse
 import functools
 import sys
 
-from .config.convert import from_json
+from .config.convert import from_data, from_json
 from .config.spec import (
     EnsembleSpec,
+    MemberSpec,
     OodSetSpec,
     PredictSpec,
     PublishedSpec,
@@ -26,6 +27,7 @@ from .config.spec import (
     SourceSpec,
     SplitSpec,
     TrainingSpec,
+    TtaSpec,
     WeightsSpec,
 )
 from .errors import Preempted, UserError
@@ -102,6 +104,17 @@ def cmd_predict(a) -> None:
     predict_to_files(a.model, a.data, a.split, a.probs, a.metrics, spec, a.threads)
 
 
+def cmd_predict_member(a) -> None:
+    from .compute.gpu_claim import SLOTS, claim_gpu_for_job
+    from .stages.predict import predict_member_to_files
+
+    spec = _spec(PredictSpec, a.spec)
+    member = from_data(MemberSpec, {"weights": a.weights, "member": a.member, "tta": a.tta is not None}, "")
+    claim_gpu_for_job(spec.device, None, jobs_per_gpu=SLOTS)
+    tta = _spec(TtaSpec, a.tta, "--tta") if a.tta is not None else None
+    predict_member_to_files(member, tta, a.data, {"val": a.val, "test": a.test}, a.metrics, spec, a.threads)
+
+
 def cmd_ensemble(a) -> None:
     from .stages.ensemble import ensemble_to_files
 
@@ -127,9 +140,13 @@ def cmd_predict_members(a) -> None:
     from .stages import predict
 
     spec = _spec(PredictSpec, a.spec)
+    extra = from_json(list[MemberSpec], a.extra, "--extra")
+    tta = _spec(TtaSpec, a.tta, "--tta") if a.tta else None
+    if extra and a.extra_out is None:
+        raise UserError("--extra: extra members need --extra-out, the file their probabilities go to")
     claim_gpu_for_job(spec.device, None, jobs_per_gpu=SLOTS)  # one slot, as predict
     {"predict-shift": predict.predict_shift, "predict-ood": predict.predict_ood}[a.command](
-        a.models, a.set, a.out, spec, a.threads)
+        a.models, a.set, a.out, spec, a.threads, extra, tta, a.extra_out)
 
 
 def cmd_shift(a) -> None:
@@ -346,6 +363,18 @@ def _add_model_parsers(sub) -> None:
     s.add_argument("--threads", required=True, type=int)
     s.set_defaults(func=cmd_predict)
 
+    s = sub.add_parser("predict-member", help="an extra member (snapshot, SWA, TTA) on val and test")
+    s.add_argument("--weights", required=True, help="model.pt, or members.pt with --member")
+    s.add_argument("--member", help="swa or epochN of members.pt (absent: --weights is a model.pt)")
+    s.add_argument("--tta", help="the tta spec (JSON): predict with test-time augmentation")
+    s.add_argument("--data", required=True)
+    s.add_argument("--val", required=True, help="probabilities on the validation split (.npy)")
+    s.add_argument("--test", required=True, help="probabilities on the test split (.npy)")
+    s.add_argument("--metrics", required=True)
+    s.add_argument("--spec", required=True, help="{device, batch_size} (JSON)")
+    s.add_argument("--threads", required=True, type=int)
+    s.set_defaults(func=cmd_predict_member)
+
 
 def _add_ensemble_parsers(sub) -> None:
     s = sub.add_parser("ensemble", help="voting, subsets, greedy selection, calibration; k chosen on val")
@@ -370,6 +399,9 @@ def _add_members_parser(sub, name: str, help_text: str) -> None:
     s.add_argument("--set", required=True)
     s.add_argument("--models", required=True, nargs="+", help="model.pt per seed, in seed order")
     s.add_argument("--out", required=True)
+    s.add_argument("--extra", default="[]", help="extra members [{weights, member, tta}] (JSON), in order")
+    s.add_argument("--tta", help="the tta spec (JSON), for extra members with tta: true")
+    s.add_argument("--extra-out", help="where the extra members' probabilities go")
     s.add_argument("--spec", required=True, help="{device, batch_size} (JSON)")
     s.add_argument("--threads", required=True, type=int)
     s.set_defaults(func=cmd_predict_members)

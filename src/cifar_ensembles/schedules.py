@@ -1,4 +1,5 @@
-"""Learning-rate schedules from torch: cosine (optional linear warm-up, floor) and step.
+"""Learning-rate schedules from torch: cosine (optional linear warm-up, floor), cosine with
+warm restarts (snapshot ensembles' cycles), step and constant.
 
 `interval: step` advances the schedule after every optimizer step, `epoch` after every
 epoch; lengths in the config (`warmup_epochs`, `step_size`) are always in epochs.
@@ -12,7 +13,7 @@ from torch.optim import lr_scheduler
 from .config.spec import SchedulerSpec
 from .errors import UserError
 
-SCHEDULER_NAMES = ("cosine", "step", "constant")
+SCHEDULER_NAMES = ("cosine", "cosine_restarts", "step", "constant")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, spec: SchedulerSpec, epochs: int,
@@ -24,11 +25,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, spec: SchedulerSpec, epoch
         return lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     if spec.name == "step":
         return lr_scheduler.StepLR(optimizer, max(spec.step_size * per_epoch, 1), spec.gamma)
+    if spec.name == "cosine_restarts":  # SGDR, T_mult 1: M equal cycles from lr down to min_lr
+        _check_floor(optimizer, spec)
+        return lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=max(total // spec.cycles, 1),
+                                                        eta_min=spec.min_lr)
     if spec.name == "cosine":
         warmup = int(round(spec.warmup_epochs * per_epoch))
-        base_lr = optimizer.param_groups[0]["lr"]
-        if spec.min_lr >= base_lr:
-            raise UserError(f"scheduler.min_lr: {spec.min_lr} must be below optimizer.lr ({base_lr})")
+        _check_floor(optimizer, spec)
         cosine = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1), eta_min=spec.min_lr)
         if warmup <= 0:
             return cosine
@@ -37,3 +40,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, spec: SchedulerSpec, epoch
         return lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
     raise UserError(f"scheduler.name: unknown scheduler {spec.name!r}; choose one of "
                     f"{', '.join(SCHEDULER_NAMES)}")
+
+
+def _check_floor(optimizer: torch.optim.Optimizer, spec: SchedulerSpec) -> None:
+    base_lr = optimizer.param_groups[0]["lr"]
+    if spec.min_lr >= base_lr:
+        raise UserError(f"scheduler.min_lr: {spec.min_lr} must be below optimizer.lr ({base_lr})")

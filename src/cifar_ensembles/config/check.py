@@ -92,12 +92,14 @@ def check_semantics(config: dict, spec: WorkflowSpec) -> None:
                             f"(experiments: {', '.join(spec.experiments)})")
     for name, experiment in spec.experiments.items():
         training = experiment.training
-        if training.scheduler.name == "cosine" and training.scheduler.min_lr >= training.optimizer.lr:
+        if (training.scheduler.name in ("cosine", "cosine_restarts")
+                and training.scheduler.min_lr >= training.optimizer.lr):
             raise UserError(
                 f"{origin(config, name, 'training', 'scheduler', 'min_lr')}: {training.scheduler.min_lr} "
                 f"must be below the learning rate of experiment {name!r} "
                 f"({origin(config, name, 'training', 'optimizer', 'lr')} = {training.optimizer.lr}) "
                 "for the cosine schedule")
+        _check_members(config, name, training)
         model = training.model
         if model.pretrained and model.name not in PRETRAINED_MODELS:
             raise UserError(
@@ -114,6 +116,29 @@ def check_semantics(config: dict, spec: WorkflowSpec) -> None:
                         f"({', '.join(spec.selected)}); name one of them, or null for no corruption error")
     _check_ood(spec)
     _check_split(spec)
+
+
+def _check_members(config: dict, name: str, training) -> None:
+    """Restarts divide the epochs; snapshots and SWA fall within them."""
+    def where(*keys):
+        return origin(config, name, "training", *keys)
+
+    epochs, scheduler = training.epochs, training.scheduler
+    if scheduler.name == "cosine_restarts" and epochs % scheduler.cycles:
+        raise UserError(f"{where('scheduler', 'cycles')}: {scheduler.cycles} cycles do not divide the "
+                        f"{epochs} epochs of experiment {name!r} ({where('epochs')}) into equal cycles")
+    keep = training.snapshots.keep
+    if keep == "cycle_ends" and (scheduler.name != "cosine_restarts" or scheduler.cycles < 2):
+        raise UserError(f"{where('snapshots', 'keep')}: cycle_ends needs {where('scheduler', 'name')}: "
+                        f"cosine_restarts with 2 or more cycles (experiment {name!r} has "
+                        f"{scheduler.name}" + (f" with {scheduler.cycles} cycle)" if scheduler.name ==
+                                                "cosine_restarts" else ")"))
+    if keep == "last_epochs" and training.snapshots.last_epochs > epochs:
+        raise UserError(f"{where('snapshots', 'last_epochs')}: {training.snapshots.last_epochs} is more "
+                        f"than the {epochs} epochs of experiment {name!r}")
+    if training.swa.enabled and training.swa.start_epoch > epochs:
+        raise UserError(f"{where('swa', 'start_epoch')}: {training.swa.start_epoch} is after the last "
+                        f"epoch of experiment {name!r} ({epochs})")
 
 
 FILE_KINDS = ("svhn", "cifar100")  # OOD sets read from a file (downloaded or local)

@@ -104,11 +104,12 @@ class OptimizerSpec:
 
 @spec
 class SchedulerSpec:
-    name: Literal["cosine", "step", "constant"]
+    name: Literal["cosine", "cosine_restarts", "step", "constant"]
     interval: Annotated[Literal["step", "epoch"], UnusedWhen(lambda s: s.name == "constant")]
     step_size: Annotated[PositiveInt, UnusedWhen(lambda s: s.name != "step")]
     gamma: Annotated[float, Field(gt=0, le=1), UnusedWhen(lambda s: s.name != "step")]
-    min_lr: Annotated[NonNegative, UnusedWhen(lambda s: s.name != "cosine")]
+    min_lr: Annotated[NonNegative, UnusedWhen(lambda s: s.name not in ("cosine", "cosine_restarts"))]
+    cycles: Annotated[PositiveInt, UnusedWhen(lambda s: s.name != "cosine_restarts")]
     warmup_epochs: Annotated[NonNegative, UnusedWhen(lambda s: s.name != "cosine")]
     warmup_start: Annotated[float, Field(gt=0, le=1),
                             UnusedWhen(lambda s: s.name != "cosine" or not s.warmup_epochs)]
@@ -150,6 +151,20 @@ class EmaSpec:
 
 
 @spec
+class SnapshotSpec:
+    keep: Literal["none", "cycle_ends", "last_epochs"]
+    last_epochs: Annotated[int, Field(ge=2), UnusedWhen(lambda s: s.keep != "last_epochs")]
+
+
+@spec
+class SwaSpec:
+    enabled: bool
+    start_epoch: PositiveInt
+    lr: Annotated[float | None, Field(gt=0)]
+    anneal_epochs: Annotated[PositiveInt, UnusedWhen(lambda s: s.lr is None)]
+
+
+@spec
 class TrainingSpec:
     precision: Literal["fp32", "bf16"]
     epochs: PositiveInt
@@ -160,6 +175,26 @@ class TrainingSpec:
     loss: LossSpec
     augment: AugmentSpec
     ema: EmaSpec
+    # Off, they leave the result spec whole, so runs trained before they existed stay valid.
+    snapshots: Annotated[SnapshotSpec, UnusedWhen(lambda t: t.snapshots.keep == "none")]
+    swa: Annotated[SwaSpec, UnusedWhen(lambda t: not t.swa.enabled)]
+
+    @property
+    def snapshot_epochs(self) -> tuple[int, ...]:
+        """The epochs (1-based) whose weights a run keeps besides its final model: the ends of
+        the cosine cycles but the last, or the last epochs but the last (the final model ends
+        both)."""
+        if self.snapshots.keep == "cycle_ends":
+            length = self.epochs // self.scheduler.cycles
+            return tuple(range(length, self.epochs, length)) if length else ()
+        if self.snapshots.keep == "last_epochs":
+            return tuple(range(max(self.epochs - self.snapshots.last_epochs + 1, 1), self.epochs))
+        return ()
+
+    @property
+    def passes_per_step(self) -> int:
+        """Forward-backward passes a step makes over its batch: SAM/ASAM's ascent step doubles it."""
+        return 2 if self.optimizer.name in ("sam", "asam") else 1
 
 
 def unused_rule(section_type, field: str) -> Callable[[Any], bool] | None:
@@ -180,8 +215,7 @@ def result_spec(section) -> dict:
         if rule is not None and rule(section):
             continue
         value = getattr(section, field.name)
-        nested = dataclasses.is_dataclass(value) and rule is None
-        out[field.name] = result_spec(value) if nested else to_data(value)
+        out[field.name] = result_spec(value) if dataclasses.is_dataclass(value) else to_data(value)
     return out
 
 
@@ -268,6 +302,16 @@ class PredictSpec:
 
 
 @spec
+class MemberSpec:
+    """One extra member of a run for the predict jobs: its weights (a model.pt, or `member` of a
+    members.pt: `swa`, `epochN`) and whether it is predicted with test-time augmentation."""
+
+    weights: Annotated[str, Field(min_length=1)]
+    member: Annotated[str, Field(pattern=r"^(swa|epoch[0-9]+)$")] | None
+    tta: bool
+
+
+@spec
 class EnsembleSpec:
     method: Literal["soft", "hard"]
     max_subsets: PositiveInt
@@ -345,6 +389,16 @@ class OodSetSpec:
     set: OodSourceSpec
 
 
+@spec
+class TtaSpec:
+    """Test-time augmentation: what the TTA predictions of every final model average over."""
+
+    enabled: bool
+    views: Annotated[Literal["flip", "flip_translate"], UnusedWhen(lambda t: not t.enabled)]
+    translate: Annotated[int, Field(ge=1, le=8),
+                         UnusedWhen(lambda t: not t.enabled or t.views != "flip_translate")]
+
+
 Severity = Annotated[int, Field(ge=1, le=5)]
 Coverage = Annotated[float, Field(gt=0, le=1)]
 
@@ -389,6 +443,7 @@ class WorkflowSpec:
     shift: ShiftSpec
     ood: OodSpec
     selective: SelectiveSpec
+    tta: TtaSpec
     ensemble: EnsembleSpec
     report: ReportSpec
 

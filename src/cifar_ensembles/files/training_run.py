@@ -25,7 +25,9 @@ from .atomic import torch_save, write_text
 from .records import DamagedFile, check_format, error_line, load_torch_file, typed_body
 
 MODEL_FORMAT = "cifar-ensembles/model-1"
-CHECKPOINT_FORMAT = "cifar-ensembles/checkpoint-2"
+CHECKPOINT_FORMAT = "cifar-ensembles/checkpoint-3"
+CHECKPOINT_FORMAT_2 = "cifar-ensembles/checkpoint-2"  # before snapshots and SWA: resumes with none kept
+MEMBERS_FORMAT = "cifar-ensembles/members-1"
 
 
 @spec
@@ -43,11 +45,14 @@ class ModelRecord:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelRecord:
-        import torch
-
         body = check_format(load_torch_file(path, "model file"), MODEL_FORMAT, path,
                              "cifar-ensembles model file")
-        record = typed_body(cls, body, path, "model file")
+        return cls.check(typed_body(cls, body, path, "model file"), path)
+
+    @staticmethod
+    def check(record: ModelRecord, path) -> ModelRecord:
+        import torch
+
         bad = [k for k, v in record.state_dict.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise DamagedFile(path, f"damaged model file (state_dict.{bad[0]} is not a tensor)")
@@ -164,6 +169,7 @@ class Checkpoint:
     ema: dict[str, Any] | None
     torch_rng: Any
     divergence: Divergence | None
+    kept: dict[str, Any] | None  # snapshots and the SWA average so far (training.kept_weights)
 
     def save(self, path: str | os.PathLike) -> None:
         torch_save(path, {"format": CHECKPOINT_FORMAT, **to_data(self)})
@@ -171,9 +177,30 @@ class Checkpoint:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Checkpoint:
         hint = "delete it to train this model afresh"
-        body = check_format(load_torch_file(path, "checkpoint", hint), CHECKPOINT_FORMAT, path,
-                             "cifar-ensembles checkpoint", hint)
+        obj = load_torch_file(path, "checkpoint", hint)
+        if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT_2:
+            obj = {**obj, "format": CHECKPOINT_FORMAT, "kept": None}
+        body = check_format(obj, CHECKPOINT_FORMAT, path, "cifar-ensembles checkpoint", hint)
         return typed_body(cls, body, path, "checkpoint", hint)
+
+
+# ------------------------------------------------------------------ members.pt
+def save_members(path: str | os.PathLike, members: dict[str, ModelRecord]) -> None:
+    """A run's extra members (snapshots `epochN`, the SWA average `swa`), each a model record."""
+    torch_save(path, {"format": MEMBERS_FORMAT, "members": {k: to_data(v) for k, v in members.items()}})
+
+
+def load_member(path: str | os.PathLike, name: str) -> ModelRecord:
+    """One extra member of a run's members.pt, checked as model.pt is."""
+    body = check_format(load_torch_file(path, "members file"), MEMBERS_FORMAT, path,
+                        "cifar-ensembles members file")
+    members = body.get("members")
+    if not isinstance(members, dict):
+        raise DamagedFile(path, "damaged members file (no members)")
+    if name not in members:
+        raise DamagedFile(path, f"has no member {name!r} (it has: {', '.join(map(str, members)) or 'none'}); "
+                                "the training spec that wrote it kept others")
+    return ModelRecord.check(typed_body(ModelRecord, members[name], path, f"member {name}"), path)
 
 
 

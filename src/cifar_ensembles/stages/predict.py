@@ -10,23 +10,25 @@ import torch
 from ..analysis.metrics import accuracy, nll
 from ..compute.device import resolve_device
 from ..compute.inference import predict_logits, softmax_np
-from ..config.spec import PredictSpec
+from ..config.spec import MemberSpec, PredictSpec, TtaSpec
 from ..errors import UserError
 from ..files import splits
 from ..files.arrays import load_shift_set
 from ..files.atomic import all_or_none, save_npy, write_json
 from ..files.records import DamagedFile
-from ..files.training_run import ModelRecord
+from ..files.training_run import ModelRecord, load_member
 from ..models import build_model
+from ..transforms.tta import View, tta_views
 
 # Predictions are computed in float32 whatever precision training used: the probabilities
 # are then the network's, not bf16's rounding of them, and cost one pass per split.
 PREDICT_PRECISION = "fp32"
 
 
-def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelRecord]:
-    """Rebuild the network saved by training; a damaged file is named in one line."""
-    record = ModelRecord.load(path)
+def load_model(path: str | os.PathLike, member: str | None = None) -> tuple[torch.nn.Module, ModelRecord]:
+    """Rebuild the network saved by training (model.pt, or `member` of a members.pt); a damaged
+    file is named in one line."""
+    record = ModelRecord.load(path) if member is None else load_member(path, member)
     model = build_model(record.model, record.num_classes, record.in_channels)
     try:
         model.load_state_dict(record.state_dict)
@@ -37,12 +39,14 @@ def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelRecord]:
 
 
 def _probabilities(model_path, model: torch.nn.Module, record: ModelRecord, images: np.ndarray,
-                   spec: PredictSpec) -> np.ndarray:
+                   spec: PredictSpec, views: tuple[View, ...] | None = None) -> np.ndarray:
     """The model's class probabilities (float32) on images (N x H x W x C uint8), normalized
-    as in training; non-finite ones (weights that are not finite) are an error."""
+    as in training (with test-time `views`: their mean); non-finite ones (weights that are
+    not finite) are an error."""
     device = resolve_device(spec.device)
     logits = predict_logits(model.to(device), images, np.asarray(record.mean, np.float32),
-                            np.asarray(record.std, np.float32), device, spec.batch_size, PREDICT_PRECISION)
+                            np.asarray(record.std, np.float32), device, spec.batch_size, PREDICT_PRECISION,
+                            views=views)
     probs = softmax_np(logits)
     if not np.all(np.isfinite(probs)):
         raise UserError(f"{model_path}: the model predicts non-finite probabilities (its weights are not "
@@ -67,36 +71,89 @@ def predict_to_files(model_path, data_path, split: str, probs_path, metrics_path
     return metrics
 
 
-def _members_on(models: list[str], images: np.ndarray, set_path, spec: PredictSpec) -> np.ndarray:
+def predict_member_to_files(member: MemberSpec, tta: TtaSpec | None, data_path, probs_paths: dict[str, str],
+                            metrics_path, spec: PredictSpec, threads: int) -> dict:
+    """One extra member (a snapshot, the SWA average, or a final model with test-time
+    augmentation) on the validation and test splits -> probs per split and one metrics.json."""
+    torch.set_num_threads(max(int(threads), 1))
+    model, record = load_model(member.weights, member.member)
+    keys = [k for split in probs_paths for k in (f"x_{split}", f"y_{split}")]
+    data = splits.load(data_path, (*keys, "classes"))
+    if data[keys[0]].shape[-1] != record.in_channels or len(data["classes"]) != record.num_classes:
+        raise UserError(f"{member.weights}: model was trained on other data than {data_path}")
+    views = _views(member, tta)
+    metrics, probs = {"member": member.member or "model", "views": len(views or (None,))}, {}
+    for split in probs_paths:
+        probs[split] = _probabilities(member.weights, model, record, data[f"x_{split}"], spec, views)
+        labels = data[f"y_{split}"]
+        metrics[split] = {"images": int(len(labels)), "accuracy": accuracy(probs[split], labels),
+                          "nll": nll(probs[split], labels)}
+    with all_or_none(*probs_paths.values(), metrics_path):
+        for split, path in probs_paths.items():
+            save_npy(path, probs[split])
+        write_json(metrics_path, metrics)
+    return metrics
+
+
+def _views(member: MemberSpec, tta: TtaSpec | None) -> tuple[View, ...] | None:
+    if not member.tta:
+        return None
+    if tta is None or not tta.enabled:
+        raise UserError(f"{member.weights}: a TTA member needs the tta spec with enabled: true")
+    return tta_views(tta)
+
+
+def _members_on(members: list[MemberSpec], tta: TtaSpec | None, images: np.ndarray, set_path,
+                spec: PredictSpec) -> np.ndarray:
     """Every member's probabilities on `images` (N x H x W x C of the set at `set_path`):
     members x N x C."""
-    members = []
-    for path in models:
-        model, record = load_model(path)
+    out = []
+    for member in members:
+        model, record = load_model(member.weights, member.member)
         if images.shape[-1] != record.in_channels:
-            raise UserError(f"{path}: the model takes {record.in_channels} channels, {set_path} has "
-                            f"{images.shape[-1]}; rebuild it with: snakemake --forcerun {set_path}")
-        members.append(_probabilities(path, model, record, images, spec))
-    return np.stack(members)
+            raise UserError(f"{member.weights}: the model takes {record.in_channels} channels, {set_path} "
+                            f"has {images.shape[-1]}; rebuild it with: snakemake --forcerun {set_path}")
+        out.append(_probabilities(member.weights, model, record, images, spec, _views(member, tta)))
+    n_classes = out[0].shape[-1] if out else 0
+    return np.stack(out) if out else np.zeros((0, len(images), n_classes), np.float32)
 
 
-def predict_shift(models: list[str], set_path, out, spec: PredictSpec, threads: int) -> np.ndarray:
+def plain_members(models: list[str]) -> list[MemberSpec]:
+    return [MemberSpec(weights=str(path), member=None, tta=False) for path in models]
+
+
+def _save_groups(probs: np.ndarray, n_plain: int, out, extra_out) -> None:
+    """The final models' probabilities to `out`, the extra members' to `extra_out` (both or neither)."""
+    if extra_out is None:
+        save_npy(out, probs)
+        return
+    with all_or_none(out, extra_out):
+        save_npy(out, probs[:n_plain])
+        save_npy(extra_out, probs[n_plain:])
+
+
+def predict_shift(models: list[str], set_path, out, spec: PredictSpec, threads: int,
+                  extra: list[MemberSpec] = (), tta: TtaSpec | None = None, extra_out=None) -> np.ndarray:
     """One experiment's members on one corrupted set -> members x 5 x N x C probabilities in `out`
-    (one job per experiment and corruption: retraining one experiment repredicts only its own)."""
+    (one job per experiment and corruption: retraining one experiment repredicts only its own);
+    its extra members' (snapshots, SWA, TTA) in `extra_out`, in the order given."""
     torch.set_num_threads(max(int(threads), 1))
     x = load_shift_set(set_path)["x"]  # severities x N x H x W x C
-    probs = _members_on(models, x.reshape(-1, *x.shape[2:]), set_path, spec)
-    probs = probs.reshape(len(models), *x.shape[:2], -1)
-    save_npy(out, probs)
+    members = plain_members(models) + list(extra)
+    probs = _members_on(members, tta, x.reshape(-1, *x.shape[2:]), set_path, spec)
+    probs = probs.reshape(len(members), *x.shape[:2], -1)
+    _save_groups(probs, len(models), out, extra_out)
     return probs
 
 
-def predict_ood(models: list[str], set_path, out, spec: PredictSpec, threads: int) -> np.ndarray:
+def predict_ood(models: list[str], set_path, out, spec: PredictSpec, threads: int,
+                extra: list[MemberSpec] = (), tta: TtaSpec | None = None, extra_out=None) -> np.ndarray:
     """One experiment's members on one OOD set -> members x N x C probabilities in `out` (one job
-    per experiment and OOD set: a new set predicts only itself)."""
+    per experiment and OOD set: a new set predicts only itself); extra members as predict_shift."""
     from ..files.ood_data import load_ood_set
 
     torch.set_num_threads(max(int(threads), 1))
-    probs = _members_on(models, load_ood_set(set_path), set_path, spec)  # the test split's shape
-    save_npy(out, probs)
+    members = plain_members(models) + list(extra)
+    probs = _members_on(members, tta, load_ood_set(set_path), set_path, spec)  # the test split's shape
+    _save_groups(probs, len(models), out, extra_out)
     return probs

@@ -16,7 +16,7 @@ from .. import __version__
 from ..config.convert import to_data
 from ..config.spec import RuntimeSpec, TrainingSpec
 from ..files.atomic import all_or_none, write_text
-from ..files.training_run import write_history
+from ..files.training_run import save_members, write_history
 from ..training import Trainer
 
 
@@ -38,7 +38,8 @@ def versions() -> dict:
 def train_to_files(spec: TrainingSpec, runtime: RuntimeSpec, data: dict, seed: int,
                    out_dir: str | os.PathLike, checkpoint: str | os.PathLike | None, threads: int,
                    weights_file: str | None = None, log=None) -> Path:
-    """Train, then write model.pt, history.csv and run.yaml into `out_dir` (atomically)."""
+    """Train, then write model.pt, history.csv and run.yaml into `out_dir` (atomically), and
+    members.pt when the spec keeps snapshots or an SWA average."""
     out_dir = Path(out_dir)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     trainer = Trainer(spec, runtime, data, seed, threads, weights_file, log)
@@ -49,10 +50,15 @@ def train_to_files(spec: TrainingSpec, runtime: RuntimeSpec, data: dict, seed: i
                 f"{spec.epochs} epochs; " + ", ".join(f"{k} {v}" for k, v in trainer.effective().items()
                                                       if k != "device"))
     history = trainer.fit(checkpoint, resume=False)
+    members = trainer.member_records()
+    keeps = bool(spec.snapshot_epochs) or spec.swa.enabled
     out_dir.mkdir(parents=True, exist_ok=True)
-    # all three or none: a failed write (a full disk) leaves no model.pt that looks finished
-    with all_or_none(out_dir / "model.pt", out_dir / "history.csv", out_dir / "run.yaml"):
+    outputs = ["model.pt", "history.csv", "run.yaml"] + (["members.pt"] if keeps else [])
+    # all or none: a failed write (a full disk) leaves no model.pt that looks finished
+    with all_or_none(*(out_dir / name for name in outputs)):
         trainer.model_record().save(out_dir / "model.pt")
+        if keeps:
+            save_members(out_dir / "members.pt", members)
         write_history(out_dir / "history.csv", history)
         train_seconds = sum(t["seconds"] for t in trainer.timing)
         wait_seconds = sum(t["data_wait_seconds"] for t in trainer.timing)
@@ -61,6 +67,9 @@ def train_to_files(spec: TrainingSpec, runtime: RuntimeSpec, data: dict, seed: i
                 "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "train_images": int(len(data["y_train"])), "steps_per_epoch": trainer.steps_per_epoch,
                 "final_weights": "ema" if trainer.ema is not None else "raw",
+                "members": list(members),
+                # device-independent cost: forward-backward passes over images (SAM/ASAM: two per step)
+                "train_passes": trainer.train_passes,
                 "effective": trainer.effective(),
                 # the epochs this process finished (a resumed run counts only its own)
                 "timing": {"train_seconds": round(train_seconds, 3),

@@ -28,6 +28,7 @@ from ..transforms.augment import normalization
 from .checkpoint import Diverged, fingerprint, read_checkpoint
 from .components import build_components, build_network
 from .inputs import build_inputs
+from .kept_weights import KeptWeights
 from .signals import StopFlag
 from .step import TrainStep
 
@@ -70,6 +71,7 @@ class Trainer:
         model = build_network(spec, self.num_classes, self.in_channels, seed, weights_file)
         self.parts = build_components(spec, runtime, model, self.device, self.steps_per_epoch)
         self.step = TrainStep(self.parts, self.device, spec.precision, spec.scheduler.interval == "step")
+        self.kept = KeptWeights(spec, model, self.parts.optimizer)
         self.inputs = build_inputs(spec.augment, runtime.loader, x, y, self.mean, self.std, spec.batch_size,
                                    seed, self.device, runtime.channels_last, threads)
         self.fingerprint = fingerprint(spec, seed, data)
@@ -103,7 +105,7 @@ class Trainer:
             fingerprint=self.fingerprint, epoch=p.epoch, batch=p.batch, history=list(p.history),
             progress=progress, model=parts.model.state_dict(), optimizer=parts.optimizer.state_dict(),
             scheduler=parts.scheduler.state_dict(), ema=parts.ema.state_dict() if parts.ema else None,
-            torch_rng=torch.get_rng_state(), divergence=divergence)
+            torch_rng=torch.get_rng_state(), divergence=divergence, kept=self.kept.state_dict())
 
     def save_checkpoint(self, path: str | os.PathLike, divergence: Divergence | None = None) -> None:
         self.checkpoint(divergence).save(path)
@@ -116,11 +118,16 @@ class Trainer:
                 and 0 <= ckpt.batch <= self.steps_per_epoch and 0 <= ckpt.epoch <= self.spec.epochs):
             raise DamagedFile(path, "damaged checkpoint (its position does not fit this run)",
                               "delete it to train this model afresh")
+        if (ckpt.kept is None) != (self.kept.state_dict() is None):
+            raise DamagedFile(path, "damaged checkpoint (its kept weights do not fit this run)",
+                              "delete it to train this model afresh")
         parts.model.load_state_dict(ckpt.model)
+        self.kept.prepare_restore(ckpt.kept)
         parts.optimizer.load_state_dict(ckpt.optimizer)
         parts.scheduler.load_state_dict(ckpt.scheduler)
         if parts.ema is not None:
             parts.ema.load_state_dict(ckpt.ema)
+        self.kept.load_state_dict(ckpt.kept)
         torch.set_rng_state(ckpt.torch_rng)
         progress = ckpt.progress
         if ckpt.batch == 0:  # at an epoch boundary: the next epoch starts afresh (its lr, its sums)
@@ -166,6 +173,9 @@ class Trainer:
 
     def _start_epoch(self) -> None:
         p = self.position
+        self.kept.start_epoch(p.epoch)  # SWALR takes over the schedule from swa.start_epoch (swa.lr set)
+        self.step.per_step_schedule = (self.spec.scheduler.interval == "step"
+                                       and not self.kept.swa_lr_from(p.epoch))
         if p.losses is None:  # a fresh epoch (a resumed one keeps its sums)
             p.losses = torch.zeros(self.steps_per_epoch, device=self.device)
             p.correct = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -226,8 +236,9 @@ class Trainer:
     def _end_epoch(self, checkpoint) -> None:
         """Schedule, validation (on its cadence), the history row, the checkpoint and the log line."""
         p, epochs = self.position, self.spec.epochs
-        if self.spec.scheduler.interval == "epoch":
+        if self.spec.scheduler.interval == "epoch" and not self.kept.swa_lr_from(p.epoch):
             self.parts.scheduler.step()
+        self.kept.end_epoch(p.epoch + 1, self.model, self.final_model())
         last = p.epoch + 1 == epochs
         val = ema = (None, None)
         if last or (p.epoch + 1) % self.runtime.eval_every_epochs == 0:
@@ -264,13 +275,32 @@ class Trainer:
         """The weights to save and evaluate: the EMA weights when EMA is on."""
         return self.ema.module if self.ema is not None else self.model
 
-    def model_record(self) -> ModelRecord:
-        """What `model.pt` holds: weights plus what predict needs to rebuild the network."""
-        state = {k: v.detach().cpu().contiguous() for k, v in self.final_model().state_dict().items()}
+    def model_record(self, state: dict | None = None, ema: bool | None = None) -> ModelRecord:
+        """What `model.pt` holds: weights (by default the final model's) plus what predict needs
+        to rebuild the network."""
+        if state is None:
+            state = self.final_model().state_dict()
         return ModelRecord(model=self.spec.model, num_classes=self.num_classes, in_channels=self.in_channels,
                            mean=tuple(float(m) for m in np.asarray(self.mean)),
                            std=tuple(float(s) for s in np.asarray(self.std)),
-                           ema=self.ema is not None, state_dict=state)
+                           ema=self.ema is not None if ema is None else ema,
+                           state_dict={k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+    def member_records(self) -> dict[str, ModelRecord]:
+        """The run's extra members (members.pt): its snapshots (`epochN`, the weights model.pt would
+        have held then) and, with SWA, the average (`swa`, BatchNorm statistics recomputed)."""
+        members = {name: self.model_record(state) for name, state in self.kept.members().items()}
+        if self.kept.average is not None:
+            swa = self.kept.swa_model(self.data["x_train"], self.mean, self.std, self.device,
+                                      self.runtime.eval_batch_size, self.runtime.channels_last)
+            members["swa"] = self.model_record(swa.state_dict(), ema=False)
+        return members
+
+    @property
+    def train_passes(self) -> int:
+        """Forward-backward passes over images the whole run makes (SAM/ASAM's count double):
+        the device-independent training cost."""
+        return self.spec.epochs * self.steps_per_epoch * self.spec.batch_size * self.spec.passes_per_step
 
 
 def format_row(row: HistoryRow, epochs: int) -> str:
