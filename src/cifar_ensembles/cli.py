@@ -41,6 +41,7 @@ FILES_BY_CORRUPTION = dict[str, str]  # {corruption: file}
 FILES_BY_SET = dict[str, str]  # {OOD set: file, or its kind}
 RUN_FILES = dict[str, dict[str, dict[str, str]]]  # {experiment: {seed: {benchmark: tsv, history: csv}}}
 PROBS_BY_SEED = dict[str, dict[str, str]]  # {experiment: {seed: probs_test.npy}}
+FILE_PAIRS = dict[str, tuple[str, str]]  # {set: (final models' probabilities, extra members')}
 
 
 def _files(tp, text: str, option: str):
@@ -188,6 +189,24 @@ def cmd_selective(a) -> None:
                       from_json(FILES_BY_CORRUPTION, a.sets, "--sets"), _spec(SelectiveSpec, a.spec), a.out)
 
 
+def cmd_methods(a) -> None:
+    from .stages.frontier import methods_to_file
+
+    extras = from_json(list[tuple[int, str]], a.extras, "--extras")
+    shift = from_json(FILE_PAIRS, a.shift, "--shift")
+    ood = from_json(FILE_PAIRS, a.ood, "--ood")
+    sets = from_json(FILES_BY_CORRUPTION, a.sets, "--sets")
+    methods_to_file(a.experiment, a.data, a.seeds, a.val, a.test, extras, a.extra_val or [],
+                    a.extra_test or [], shift, sets, ood, _spec(EnsembleSpec, a.spec), a.tta_views, a.out)
+
+
+def cmd_frontier(a) -> None:
+    from .stages.frontier import frontier_to_file
+
+    frontier_to_file(_files(FILES_BY_EXPERIMENT, a.methods, "--methods"), _files(RUN_FILES, a.runs, "--runs"),
+                     from_json(dict[str, TrainingSpec], a.training, "--training"), a.data, a.out)
+
+
 def _published(text: str, one_experiment: bool):
     """report.published (JSON): all experiments' entries, or one experiment's (or null)."""
 
@@ -249,6 +268,12 @@ def cmd_selective_figure(a) -> None:
     ood_figures.plot_selective(a.selective, a.experiment, a.out, a.dpi)
 
 
+def cmd_frontier_figure(a) -> None:
+    from .stages.report import frontier_figures
+
+    frontier_figures.plot_frontier(a.frontier, a.out, a.dpi)
+
+
 def cmd_summary(a) -> None:
     from .stages.report import summary
 
@@ -260,8 +285,12 @@ def cmd_summary(a) -> None:
     diversity = from_json(FILES_BY_EXPERIMENT, a.diversity, "--diversity")
     ood = from_json(FILES_BY_EXPERIMENT, a.ood, "--ood")
     selective = from_json(FILES_BY_EXPERIMENT, a.selective, "--selective")
+    methods = _files(FILES_BY_EXPERIMENT, a.methods, "--methods")
+    if set(methods) != set(experiments):
+        raise UserError("--methods: must name the same experiments as --experiments")
     summary.write_summary(experiments, runs, a.comparisons, _published(a.published, False), *a.out,
-                          shift=shift, diversity=diversity, ood=ood, selective=selective)
+                          shift=shift, diversity=diversity, ood=ood, selective=selective,
+                          frontier=a.frontier, methods=methods)
 
 
 def _add_report_parsers(sub) -> None:
@@ -305,6 +334,8 @@ def _add_report_parsers(sub) -> None:
     s = figure("selective", "risk-coverage curves of one experiment", cmd_selective_figure)
     s.add_argument("--experiment", required=True)
     s.add_argument("--selective", required=True, help="selective.json")
+    s = figure("frontier", "accuracy, NLL and ECE against training cost, every method", cmd_frontier_figure)
+    s.add_argument("--frontier", required=True, help="frontier.json")
     s = what.add_parser("summary", help="summary.md and summary.csv")
     s.set_defaults(func=cmd_summary)
     s.add_argument("--experiments", required=True, help="{name: ensemble.json}")
@@ -315,6 +346,8 @@ def _add_report_parsers(sub) -> None:
     # file maps, not config values: the rule always passes them; without them, no such section
     s.add_argument("--ood", required=True, help="{name: ood.json} ({} when the OOD stage is off)")
     s.add_argument("--selective", required=True, help="{name: selective.json}")
+    s.add_argument("--frontier", required=True, help="frontier.json")
+    s.add_argument("--methods", required=True, help="{name: methods.json}")
     s.add_argument("--published", required=True, help="report.published (JSON)")
     s.add_argument("--out", nargs=2, required=True, metavar=("MD", "CSV"))
 
@@ -441,6 +474,33 @@ def _add_shift_parsers(sub) -> None:
     s.set_defaults(func=cmd_diversity)
 
 
+def _add_frontier_parsers(sub) -> None:
+    s = sub.add_parser("methods", help="every method of one experiment's members, scored alike")
+    s.add_argument("--experiment", required=True)
+    s.add_argument("--data", required=True, help="data.npz (for the labels)")
+    s.add_argument("--seeds", required=True, type=int, nargs="+")
+    s.add_argument("--val", required=True, nargs="+", help="probs_val.npy per seed, in seed order")
+    s.add_argument("--test", required=True, nargs="+", help="probs_test.npy per seed, in seed order")
+    s.add_argument("--extras", required=True, help="[[seed index, member name], ...] (JSON), in order")
+    s.add_argument("--extra-val", nargs="*", help="probs_val.npy per extra member, in order")
+    s.add_argument("--extra-test", nargs="*", help="probs_test.npy per extra member, in order")
+    s.add_argument("--shift", required=True, help="{corruption: [final models', extra members' .npy]}")
+    s.add_argument("--sets", required=True, help="{corruption: its corrupted set}")
+    s.add_argument("--ood", required=True, help="{OOD set: [final models', extra members' .npy]}")
+    s.add_argument("--tta-views", required=True, type=int, help="test-time views of a TTA member")
+    s.add_argument("--spec", required=True, help="the ensemble spec (JSON)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_methods)
+
+    s = sub.add_parser("frontier", help="every method's cost and the Pareto front -> frontier.json")
+    s.add_argument("--methods", required=True, help="{name: methods.json}")
+    s.add_argument("--runs", required=True, help="{name: {seed: {benchmark: tsv, history: csv}}}")
+    s.add_argument("--training", required=True, help="{name: its training spec} (JSON)")
+    s.add_argument("--data", required=True, help="data.npz (for the training images)")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_frontier)
+
+
 def _add_ood_parsers(sub) -> None:
     s = sub.add_parser("ood-set", help="one OOD set at the test split's shape")
     s.add_argument("--name", required=True, help="the set's name in ood.sets")
@@ -480,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_data_parsers, _add_model_parsers, _add_ensemble_parsers, _add_shift_parsers,
-                _add_ood_parsers, _add_report_parsers):
+                _add_ood_parsers, _add_frontier_parsers, _add_report_parsers):
         add(sub)
     return p
 

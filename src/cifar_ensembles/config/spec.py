@@ -191,10 +191,12 @@ class TrainingSpec:
             return tuple(range(max(self.epochs - self.snapshots.last_epochs + 1, 1), self.epochs))
         return ()
 
-    @property
-    def passes_per_step(self) -> int:
-        """Forward-backward passes a step makes over its batch: SAM/ASAM's ascent step doubles it."""
-        return 2 if self.optimizer.name in ("sam", "asam") else 1
+    def train_passes(self, train_images: int) -> int:
+        """Forward-backward passes over images of one run, the device-independent training cost:
+        epochs x full batches x batch size (an epoch drops its last partial batch), doubled by
+        SAM/ASAM's ascent step."""
+        sam = self.optimizer.name in ("sam", "asam")
+        return self.epochs * (train_images // self.batch_size) * self.batch_size * (2 if sam else 1)
 
 
 def unused_rule(section_type, field: str) -> Callable[[Any], bool] | None:

@@ -296,12 +296,6 @@ class Trainer:
             members["swa"] = self.model_record(swa.state_dict(), ema=False)
         return members
 
-    @property
-    def train_passes(self) -> int:
-        """Forward-backward passes over images the whole run makes (SAM/ASAM's count double):
-        the device-independent training cost."""
-        return self.spec.epochs * self.steps_per_epoch * self.spec.batch_size * self.spec.passes_per_step
-
 
 def format_row(row: HistoryRow, epochs: int) -> str:
     text = (f"epoch {row.epoch}/{epochs}  lr {row.lr:.2e}  train loss {row.train_loss:.4f} "

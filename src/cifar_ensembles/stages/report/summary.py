@@ -14,6 +14,7 @@ from ...files.ensemble_summary import Comparisons, EnsembleSummary
 from ...files.shift_summary import DiversitySummary, ShiftSummary
 from ...transforms.corruptions import SEVERITIES
 from .figures import cost_table
+from .frontier_figures import frontier_lines
 from .ood_figures import ood_figure_lines, ood_lines, selective_lines
 
 
@@ -128,9 +129,10 @@ def _csv_text(rows: list[dict]) -> str:
 def write_summary(ensemble_jsons: dict, runs: dict, comparisons_json,
                   published: dict[str, PublishedSpec] | None, out_md, out_csv,
                   shift: dict | None = None, diversity: dict | None = None, ood: dict | None = None,
-                  selective: dict | None = None) -> None:
+                  selective: dict | None = None, frontier=None, methods: dict | None = None) -> None:
     """summary.md (tables a reader can scan) and summary.csv (one row per experiment, numbers);
-    `shift`, `diversity`, `ood` and `selective` ({experiment: json}) add their sections when given."""
+    `shift`, `diversity`, `ood` and `selective` ({experiment: json}) add their sections when given,
+    `frontier` (frontier.json) with `methods` ({experiment: methods.json}) the cost section."""
     published = published or {}
     costs = cost_table(runs)
     comparisons = Comparisons.load(comparisons_json).pairs if comparisons_json else []
@@ -144,6 +146,7 @@ def write_summary(ensemble_jsons: dict, runs: dict, comparisons_json,
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += _comparison_lines(comparisons) + shift_lines(shift or {}) + diversity_lines(diversity or {})
     lines += ood_lines(ood or {}) + selective_lines(selective or {})
+    lines += frontier_lines(frontier, methods or {})
     lines += _figure_lines(list(summaries), bool(shift))
     lines += ood_figure_lines(list(summaries), bool(ood), bool(selective))
     write_text(out_md, "\n".join(lines) + "\n")
