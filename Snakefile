@@ -24,6 +24,7 @@ include: "workflow/rules/predict.smk"
 include: "workflow/rules/ensemble.smk"
 include: "workflow/rules/shift.smk"
 include: "workflow/rules/ood.smk"
+include: "workflow/rules/frontier.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -21,6 +21,7 @@ from .config.spec import (
     OodSetSpec,
     PredictSpec,
     PublishedSpec,
+    RunCostSpec,
     RuntimeSpec,
     SelectiveSpec,
     ShiftSetSpec,
@@ -204,7 +205,7 @@ def cmd_frontier(a) -> None:
     from .stages.frontier import frontier_to_file
 
     frontier_to_file(_files(FILES_BY_EXPERIMENT, a.methods, "--methods"), _files(RUN_FILES, a.runs, "--runs"),
-                     from_json(dict[str, TrainingSpec], a.training, "--training"), a.data, a.out)
+                     from_json(dict[str, RunCostSpec], a.costs, "--costs"), a.data, a.out)
 
 
 def _published(text: str, one_experiment: bool):
@@ -495,7 +496,7 @@ def _add_frontier_parsers(sub) -> None:
     s = sub.add_parser("frontier", help="every method's cost and the Pareto front -> frontier.json")
     s.add_argument("--methods", required=True, help="{name: methods.json}")
     s.add_argument("--runs", required=True, help="{name: {seed: {benchmark: tsv, history: csv}}}")
-    s.add_argument("--training", required=True, help="{name: its training spec} (JSON)")
+    s.add_argument("--costs", required=True, help="{name: {epochs, batch_size, passes_per_step}} (JSON)")
     s.add_argument("--data", required=True, help="data.npz (for the training images)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_frontier)

@@ -1,6 +1,7 @@
 # Helpers shared by the stage files: config validation, experiment resolution, paths.
 import json
 import os
+import shlex
 import sys
 
 # albumentations asks PyPI for updates on import unless told not to (offline clusters).
@@ -87,8 +88,8 @@ def member_files(name, split=None):
 
 
 def all_outputs():
-    outputs = [SUMMARY, "results/report/summary.csv"]
-    for figure in ("accuracy", "cost") + (("shift",) if CORRUPTIONS else ()) + (("ood",) if OOD_SETS else ()):
+    outputs = [SUMMARY, "results/report/summary.csv", "results/frontier.json"]
+    for figure in ("accuracy", "cost", "frontier") + (("shift",) if CORRUPTIONS else ()) + (("ood",) if OOD_SETS else ()):
         outputs += [f"results/report/{figure}.{ext}" for ext in ("png", "svg")]
     for experiment in EXPERIMENTS:
         for figure in ("training_curves", "ensemble_curve", "reliability", "diversity", "selective"):
@@ -211,3 +212,75 @@ def published(experiment=None):
     if experiment is None:
         return to_json(SPEC.report.published)
     return to_json((SPEC.report.published or {}).get(experiment))
+
+
+# ----------------------------------------------------------------------------- methods
+# Extra members of a run besides its final model: its TTA predictions (tta.enabled), its kept
+# snapshots (`epochN`) and its SWA average (`swa`), in that order, seed by seed. Each is
+# predicted on val and test as its own job and file; the shift and OOD jobs predict them
+# with the final models and write them to a second file, rows in this order.
+NEVER = "(?!x)x"  # a wildcard constraint nothing matches
+
+
+def kept_names(experiment):
+    training = SPEC.experiments[experiment].training
+    return [f"epoch{e}" for e in training.snapshot_epochs] + (["swa"] if training.swa.enabled else [])
+
+
+def keeps_members(experiment):
+    return bool(kept_names(experiment))
+
+
+def experiments_pattern(keep):
+    """The experiments whose runs write members.pt (keep=True), or those that do not."""
+    chosen = [e for e in EXPERIMENTS if keeps_members(e) == keep]
+    return "|".join(chosen) or NEVER
+
+
+def member_names(experiment):
+    return (["tta"] if SPEC.tta.enabled else []) + kept_names(experiment)
+
+
+def extra_members(experiment):
+    """[(seed index, member name)] of every extra member, in row order."""
+    return [(i, name) for i, _ in enumerate(seeds(experiment)) for name in member_names(experiment)]
+
+
+def member_spec(experiment, seed, name):
+    """A MemberSpec (JSON-ready) of one extra member: its weights and whether it uses TTA."""
+    run = run_dir(experiment, seed)
+    if name == "tta":
+        return {"weights": f"{run}/model.pt", "member": None, "tta": True}
+    return {"weights": f"{run}/members.pt", "member": name, "tta": False}
+
+
+def extra_specs(experiment):
+    return [member_spec(experiment, seeds(experiment)[i], name) for i, name in extra_members(experiment)]
+
+
+def extra_weights(experiment):
+    """The weight files the extra members read (each once)."""
+    return sorted({m["weights"] for m in extra_specs(experiment)})
+
+
+def extra_probs(experiment, split):
+    return [f"{run_dir(experiment, seeds(experiment)[i])}/{name}/probs_{split}.npy"
+            for i, name in extra_members(experiment)]
+
+
+def tta_params(names):
+    """What TTA predictions depend on (result_spec of `tta`), when `names` include TTA; else nothing."""
+    return json.dumps(result_spec(SPEC.tta), sort_keys=True) if "tta" in names else ""
+
+
+def tta_option(names):
+    return f"--tta {shlex.quote(to_json(SPEC.tta))}" if "tta" in names else ""
+
+
+def methods_jsons():
+    return {e: f"results/{e}/methods.json" for e in EXPERIMENTS}
+
+
+def run_costs():
+    """{experiment: what its runs' device-independent training cost depends on}."""
+    return to_json({e: SPEC.experiments[e].training.cost for e in EXPERIMENTS})

@@ -23,3 +23,36 @@ rule predict:
         "cifar-ensembles predict --model {input.model} --data {input.data} --split {wildcards.split} "
         "--probs {output.probs} --metrics {output.metrics} --spec {resources.predict_settings:q} "
         "--threads {threads} 2> {log}"
+
+
+# An extra member of a run (docs/study.md 5.11): its final model with test-time augmentation
+# (`tta`), a kept snapshot (`epochN`) or its SWA average (`swa`), on val and test in one job.
+# Each is its own file: adding a member predicts only it. TTA's settings are params of the
+# TTA jobs only.
+rule predict_member:
+    wildcard_constraints:
+        member=r"tta|swa|epoch\d+",
+    input:
+        weights=lambda wc: member_spec(wc.experiment, wc.seed, wc.member)["weights"],
+        data=DATA,
+    output:
+        val="results/{experiment}/seed{seed}/{member}/probs_val.npy",
+        test="results/{experiment}/seed{seed}/{member}/probs_test.npy",
+        metrics="results/{experiment}/seed{seed}/{member}/metrics.json",
+    params:
+        tta=lambda wc: tta_params([wc.member]),
+        member=lambda wc: "" if wc.member == "tta" else f"--member {wc.member}",
+        tta_option=lambda wc: tta_option([wc.member]),
+    log:
+        "logs/predict/{experiment}/seed{seed}_{member}.log",
+    threads: 2
+    resources:
+        gpu=1,
+        gpu_slots=1,
+        predict_settings=lambda wc: predict_settings(wc.experiment),
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "cifar-ensembles predict-member --weights {input.weights} {params.member} {params.tta_option} "
+        "--data {input.data} --val {output.val} --test {output.test} --metrics {output.metrics} "
+        "--spec {resources.predict_settings:q} --threads {threads} 2> {log}"

@@ -219,6 +219,29 @@ rule plot_selective:
         "--dpi {params.dpi} --out {output.png} {output.svg} 2> {log}"
 
 
+rule plot_frontier:
+    input:
+        "results/frontier.json",
+    output:
+        png=report(
+            "results/report/frontier.png",
+            caption="../report/frontier.rst",
+            category="Cost",
+            labels={"figure": "accuracy, NLL and ECE against training cost"},
+        ),
+        svg="results/report/frontier.svg",
+    params:
+        dpi=SPEC.report.dpi,
+    log:
+        "logs/report/frontier.log",
+    localrule: True
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "cifar-ensembles report frontier --frontier {input} --dpi {params.dpi} "
+        "--out {output.png} {output.svg} 2> {log}"
+
+
 rule summary:
     input:
         ensembles=list(ensemble_jsons().values()),
@@ -228,6 +251,8 @@ rule summary:
         diversity=list(diversity_jsons().values()),
         ood=list(ood_jsons().values()),
         selective=list(selective_jsons().values()),
+        frontier="results/frontier.json",
+        methods=list(methods_jsons().values()),
     output:
         md=report(SUMMARY, caption="../report/summary.rst", category="Summary",
                   labels={"figure": "summary table"}),
@@ -240,6 +265,7 @@ rule summary:
         diversity=json.dumps(diversity_jsons()),
         ood=json.dumps(ood_jsons()),
         selective=json.dumps(selective_jsons()),
+        methods=json.dumps(methods_jsons()),
     log:
         "logs/report/summary.log",
     localrule: True
@@ -249,4 +275,5 @@ rule summary:
         "cifar-ensembles report summary --experiments {params.experiments:q} --runs {params.runs:q} "
         "--comparisons {input.comparisons} --published {params.published:q} --shift {params.shift:q} "
         "--diversity {params.diversity:q} --ood {params.ood:q} --selective {params.selective:q} "
+        "--frontier {input.frontier} --methods {params.methods:q} "
         "--out {output.md} {output.csv} 2> {log}"

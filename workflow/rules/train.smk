@@ -3,6 +3,8 @@
 
 
 rule train:
+    wildcard_constraints:
+        experiment=experiments_pattern(keep=False),
     input:
         data=DATA,
         weights=lambda wc: [WEIGHTS] if uses_pretrained(wc.experiment) else [],
@@ -38,3 +40,16 @@ rule train:
         "--runtime {resources.runtime_settings:q} --seed {wildcards.seed} --out-dir {params.out_dir} "
         "--checkpoint {params.checkpoint} --threads {threads} "
         "--name {wildcards.experiment}/seed{wildcards.seed} {params.weights} 2> {log}"
+
+
+# Runs that keep snapshots or an SWA average also write members.pt. A rule of their own, so
+# that members.pt is an output only where a run writes it: runs trained before it existed
+# stay finished.
+use rule train as train_keeping_members with:
+    wildcard_constraints:
+        experiment=experiments_pattern(keep=True),
+    output:
+        model="results/{experiment}/seed{seed}/model.pt",
+        history="results/{experiment}/seed{seed}/history.csv",
+        run="results/{experiment}/seed{seed}/run.yaml",
+        members="results/{experiment}/seed{seed}/members.pt",

@@ -191,12 +191,23 @@ class TrainingSpec:
             return tuple(range(max(self.epochs - self.snapshots.last_epochs + 1, 1), self.epochs))
         return ()
 
+    @property
+    def cost(self) -> RunCostSpec:
+        return RunCostSpec(self.epochs, self.batch_size, 2 if self.optimizer.name in ("sam", "asam") else 1)
+
+
+@spec
+class RunCostSpec:
+    """What a run's device-independent training cost depends on (a slice of TrainingSpec)."""
+
+    epochs: PositiveInt
+    batch_size: PositiveInt
+    passes_per_step: choice(1, 2)  # SAM/ASAM's ascent step is a second forward-backward pass
+
     def train_passes(self, train_images: int) -> int:
-        """Forward-backward passes over images of one run, the device-independent training cost:
-        epochs x full batches x batch size (an epoch drops its last partial batch), doubled by
-        SAM/ASAM's ascent step."""
-        sam = self.optimizer.name in ("sam", "asam")
-        return self.epochs * (train_images // self.batch_size) * self.batch_size * (2 if sam else 1)
+        """Forward-backward passes over images of one run: epochs x full batches x batch size (an
+        epoch drops its last partial batch) x passes per step."""
+        return self.epochs * (train_images // self.batch_size) * self.batch_size * self.passes_per_step
 
 
 def unused_rule(section_type, field: str) -> Callable[[Any], bool] | None:
@@ -399,6 +410,11 @@ class TtaSpec:
     views: Annotated[Literal["flip", "flip_translate"], UnusedWhen(lambda t: not t.enabled)]
     translate: Annotated[int, Field(ge=1, le=8),
                          UnusedWhen(lambda t: not t.enabled or t.views != "flip_translate")]
+
+    @property
+    def view_count(self) -> int:
+        """Forward passes per image (transforms.tta.tta_views lists them)."""
+        return 1 if not self.enabled else 2 if self.views == "flip" else 6
 
 
 Severity = Annotated[int, Field(ge=1, le=5)]

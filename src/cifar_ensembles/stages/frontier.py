@@ -28,7 +28,7 @@ from ..analysis.metrics import (
     nll,
     temperature_scale,
 )
-from ..config.spec import EnsembleSpec, TrainingSpec
+from ..config.spec import EnsembleSpec, RunCostSpec
 from ..errors import UserError
 from ..files import splits
 from ..files.arrays import (
@@ -161,18 +161,18 @@ def _run_seconds(runs: dict[str, dict[str, str]]) -> list[float]:
 
 
 def frontier_to_file(methods: dict[str, str], runs: dict[str, dict[str, dict[str, str]]],
-                     training: dict[str, TrainingSpec], data_path, out) -> Frontier:
+                     costs: dict[str, RunCostSpec], data_path, out) -> Frontier:
     """`methods`: {experiment: methods.json}; `runs`: {experiment: {seed: {benchmark, ...}}};
-    `training`: {experiment: its training spec} (for the device-independent cost)."""
+    `costs`: {experiment: what its runs' device-independent cost depends on}."""
     train_images = len(splits.load(data_path, ("y_train",))["y_train"])
     points = []
     for experiment, path in methods.items():
         summary = MethodsSummary.load(path)
-        if experiment not in runs or experiment not in training:
-            raise UserError(f"frontier: no runs or training spec for experiment {experiment!r}")
+        if experiment not in runs or experiment not in costs:
+            raise UserError(f"frontier: no runs or cost spec for experiment {experiment!r}")
         if sorted(runs[experiment], key=int) != [str(s) for s in summary.seeds]:
             raise UserError(f"{path}: seeds {summary.seeds} differ from the runs given for {experiment}")
-        per_run = training[experiment].train_passes(train_images)
+        per_run = costs[experiment].train_passes(train_images)
         seconds = _run_seconds(runs[experiment])
         for m in summary.methods:
             runs_used = seconds[:m.seeds] if m.seeds > 1 else seconds

@@ -69,7 +69,7 @@ def train_to_files(spec: TrainingSpec, runtime: RuntimeSpec, data: dict, seed: i
                 "final_weights": "ema" if trainer.ema is not None else "raw",
                 "members": list(members),
                 # device-independent cost: forward-backward passes over images (SAM/ASAM: two per step)
-                "train_passes": spec.train_passes(len(data["y_train"])),
+                "train_passes": spec.cost.train_passes(len(data["y_train"])),
                 "effective": trainer.effective(),
                 # the epochs this process finished (a resumed run counts only its own)
                 "timing": {"train_seconds": round(train_seconds, 3),
