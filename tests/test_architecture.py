@@ -18,7 +18,7 @@ ALLOWED = {
     "analysis": set(),
     "transforms": {"config", "compute.device"},
     "compute": {"config", "transforms"},
-    "files": {"config", "transforms.corruptions", "models", "analysis.uncertainty"},
+    "files": {"config", "transforms.corruptions", "models", "analysis.uncertainty", "analysis.methods"},
     "numerical": {"config", "files.records"},
     "ensemble": {"analysis"},
     "metrics": {"analysis"},

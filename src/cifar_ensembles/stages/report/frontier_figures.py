@@ -8,8 +8,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-from ...analysis.methods import best_by_budget  # noqa: E402
+from ...analysis.methods import VARIANTS, best_by_budget  # noqa: E402
 from ...files.frontier_summary import FRONT_METRICS, Frontier, MethodsSummary  # noqa: E402
 from .plotting import PALETTE, save_figure, style_axes  # noqa: E402
 
@@ -20,6 +21,7 @@ LABELS = {"single": "single", "single_tta": "single + TTA", "swa": "SWA",
           "snapshot_ensemble": "snapshot ensemble", "deep_ensemble": "deep ensemble (k seeds)",
           "deep_ensemble_tta": "deep ensemble + TTA", "deep_ensemble_swa": "deep ensemble of SWA",
           "deep_snapshot_ensemble": "deep ensemble of snapshots"}
+POOLED_FROM = {pooled: one for one, pooled in VARIANTS.values()}
 AXES = {"accuracy": ("test accuracy (%)", 100.0), "nll": ("test NLL", 1.0), "ece": ("test ECE (%)", 100.0)}
 
 
@@ -43,18 +45,24 @@ def plot_frontier(frontier_json, out_paths, dpi: int) -> None:
                              key=lambda p: p.train_passes)
                 if not own:
                     continue
+                first = [p for p in points if p.experiment == e and p.method == POOLED_FROM.get(method)]
+                own = first + own  # a pooled method's line of k = 1..n starts at its method of one run
                 x = [p.train_passes / unit for p in own]
                 y = [getattr(p, f"test_{metric}") * scale for p in own]
                 pooled = method.startswith("deep")
                 ax.plot(x, y, marker=MARKERS[method], linestyle="-" if pooled else "none",
                         color=color[e], alpha=0.85, markersize=6 if pooled else 8,
-                        markerfacecolor=color[e] if not pooled else "white", linewidth=1)
+                        markerfacecolor=color[e] if not pooled else "white", linewidth=1,
+                        markevery=slice(len(first), None))
         front = sorted((p for p in points if p.pareto[metric]), key=lambda p: p.train_passes)
         fx = [p.train_passes / unit for p in front]
         fy = [getattr(p, f"test_{metric}") * scale for p in front]
         ax.step(fx, fy, where="post", color="black", linewidth=1.6, alpha=0.6, zorder=0)
         ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="black", linewidths=1.2, zorder=3)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(sorted({p.train_passes / unit for p in points}))
         style_axes(ax, "training cost (x one run of the cheapest single model)", label)
         better = "higher" if FRONT_METRICS[metric] else "lower"
         ax.set_title(f"{label.split(' (')[0]}: {better} is better")
