@@ -42,7 +42,8 @@ FILES_BY_CORRUPTION = dict[str, str]  # {corruption: file}
 FILES_BY_SET = dict[str, str]  # {OOD set: file, or its kind}
 RUN_FILES = dict[str, dict[str, dict[str, str]]]  # {experiment: {seed: {benchmark: tsv, history: csv}}}
 PROBS_BY_SEED = dict[str, dict[str, str]]  # {experiment: {seed: probs_test.npy}}
-FILE_PAIRS = dict[str, tuple[str, str]]  # {set: (final models' probabilities, extra members')}
+FILE_PAIRS = dict[str, tuple[str, str]]  # {set: (its set file, the probabilities file)}
+FILE_LISTS = dict[str, list[str]]  # {set: [final models' probabilities, each extra member's]}
 
 
 def _files(tp, text: str, option: str):
@@ -114,7 +115,10 @@ def cmd_predict_member(a) -> None:
     member = from_data(MemberSpec, {"weights": a.weights, "member": a.member, "tta": a.tta is not None}, "")
     claim_gpu_for_job(spec.device, None, jobs_per_gpu=SLOTS)
     tta = _spec(TtaSpec, a.tta, "--tta") if a.tta is not None else None
-    predict_member_to_files(member, tta, a.data, {"val": a.val, "test": a.test}, a.metrics, spec, a.threads)
+    shift = from_json(FILE_PAIRS, a.shift, "--shift")
+    ood = from_json(FILE_PAIRS, a.ood, "--ood")
+    predict_member_to_files(member, tta, a.data, {"val": a.val, "test": a.test}, a.metrics, spec, a.threads,
+                            shift, ood)
 
 
 def cmd_ensemble(a) -> None:
@@ -142,13 +146,9 @@ def cmd_predict_members(a) -> None:
     from .stages import predict
 
     spec = _spec(PredictSpec, a.spec)
-    extra = from_json(list[MemberSpec], a.extra, "--extra")
-    tta = _spec(TtaSpec, a.tta, "--tta") if a.tta else None
-    if extra and a.extra_out is None:
-        raise UserError("--extra: extra members need --extra-out, the file their probabilities go to")
     claim_gpu_for_job(spec.device, None, jobs_per_gpu=SLOTS)  # one slot, as predict
     {"predict-shift": predict.predict_shift, "predict-ood": predict.predict_ood}[a.command](
-        a.models, a.set, a.out, spec, a.threads, extra, tta, a.extra_out)
+        a.models, a.set, a.out, spec, a.threads)
 
 
 def cmd_shift(a) -> None:
@@ -194,8 +194,8 @@ def cmd_methods(a) -> None:
     from .stages.frontier import methods_to_file
 
     extras = from_json(list[tuple[int, str]], a.extras, "--extras")
-    shift = from_json(FILE_PAIRS, a.shift, "--shift")
-    ood = from_json(FILE_PAIRS, a.ood, "--ood")
+    shift = from_json(FILE_LISTS, a.shift, "--shift")
+    ood = from_json(FILE_LISTS, a.ood, "--ood")
     sets = from_json(FILES_BY_CORRUPTION, a.sets, "--sets")
     methods_to_file(a.experiment, a.data, a.seeds, a.val, a.test, extras, a.extra_val or [],
                     a.extra_test or [], shift, sets, ood, _spec(EnsembleSpec, a.spec), a.tta_views, a.out)
@@ -405,6 +405,8 @@ def _add_model_parsers(sub) -> None:
     s.add_argument("--val", required=True, help="probabilities on the validation split (.npy)")
     s.add_argument("--test", required=True, help="probabilities on the test split (.npy)")
     s.add_argument("--metrics", required=True)
+    s.add_argument("--shift", required=True, help="{corruption: [its set, probabilities .npy]} (JSON)")
+    s.add_argument("--ood", required=True, help="{OOD set: [its set, probabilities .npy]} (JSON)")
     s.add_argument("--spec", required=True, help="{device, batch_size} (JSON)")
     s.add_argument("--threads", required=True, type=int)
     s.set_defaults(func=cmd_predict_member)
@@ -433,9 +435,6 @@ def _add_members_parser(sub, name: str, help_text: str) -> None:
     s.add_argument("--set", required=True)
     s.add_argument("--models", required=True, nargs="+", help="model.pt per seed, in seed order")
     s.add_argument("--out", required=True)
-    s.add_argument("--extra", default="[]", help="extra members [{weights, member, tta}] (JSON), in order")
-    s.add_argument("--tta", help="the tta spec (JSON), for extra members with tta: true")
-    s.add_argument("--extra-out", help="where the extra members' probabilities go")
     s.add_argument("--spec", required=True, help="{device, batch_size} (JSON)")
     s.add_argument("--threads", required=True, type=int)
     s.set_defaults(func=cmd_predict_members)
@@ -485,9 +484,9 @@ def _add_frontier_parsers(sub) -> None:
     s.add_argument("--extras", required=True, help="[[seed index, member name], ...] (JSON), in order")
     s.add_argument("--extra-val", nargs="*", help="probs_val.npy per extra member, in order")
     s.add_argument("--extra-test", nargs="*", help="probs_test.npy per extra member, in order")
-    s.add_argument("--shift", required=True, help="{corruption: [final models', extra members' .npy]}")
+    s.add_argument("--shift", required=True, help="{corruption: [final models' .npy, each extra member's]}")
     s.add_argument("--sets", required=True, help="{corruption: its corrupted set}")
-    s.add_argument("--ood", required=True, help="{OOD set: [final models', extra members' .npy]}")
+    s.add_argument("--ood", required=True, help="{OOD set: [final models' .npy, each extra member's]}")
     s.add_argument("--tta-views", required=True, type=int, help="test-time views of a TTA member")
     s.add_argument("--spec", required=True, help="the ensemble spec (JSON)")
     s.add_argument("--out", required=True)

@@ -254,18 +254,14 @@ def member_spec(experiment, seed, name):
     return {"weights": f"{run}/members.pt", "member": name, "tta": False}
 
 
-def extra_specs(experiment):
-    return [member_spec(experiment, seeds(experiment)[i], name) for i, name in extra_members(experiment)]
-
-
-def extra_weights(experiment):
-    """The weight files the extra members read (each once)."""
-    return sorted({m["weights"] for m in extra_specs(experiment)})
-
-
-def extra_probs(experiment, split):
-    return [f"{run_dir(experiment, seeds(experiment)[i])}/{name}/probs_{split}.npy"
+def extra_probs(experiment, what):
+    """Each extra member's probabilities (row order) on `what`: probs_val, probs_test, shift/<c>, ood/<s>."""
+    return [f"{run_dir(experiment, seeds(experiment)[i])}/{name}/{what}.npy"
             for i, name in extra_members(experiment)]
+
+
+def member_file(wildcards, what):
+    return f"{run_dir(wildcards.experiment, wildcards.seed)}/{wildcards.member}/{what}.npy"
 
 
 def tta_params(names):

@@ -11,20 +11,21 @@ def methods_inputs(wildcards):
         "data": DATA,
         "val": [f"{run_dir(e, s)}/probs_val.npy" for s in seeds(e)],
         "test": [f"{run_dir(e, s)}/probs_test.npy" for s in seeds(e)],
-        "extra_val": extra_probs(e, "val"),
-        "extra_test": extra_probs(e, "test"),
-        "shift": [f for c in CORRUPTIONS for f in shift_pair(e, c)],
+        "extra_val": extra_probs(e, "probs_val"),
+        "extra_test": extra_probs(e, "probs_test"),
+        "shift": [f for c in CORRUPTIONS for f in shift_files(e, c)],
         "sets": list(shift_sets().values()),
-        "ood": [f for s in OOD_SETS for f in ood_pair(e, s)],
+        "ood": [f for s in OOD_SETS for f in ood_files(e, s)],
     }
 
 
-def shift_pair(experiment, corruption):
-    return [f"results/{experiment}/shift/{corruption}.npy", f"results/{experiment}/shift/{corruption}.extra.npy"]
+def shift_files(experiment, corruption):
+    """The final models' probabilities on a corrupted set (one file), then each extra member's."""
+    return [f"results/{experiment}/shift/{corruption}.npy", *extra_probs(experiment, f"shift/{corruption}")]
 
 
-def ood_pair(experiment, name):
-    return [f"results/{experiment}/ood/{name}.npy", f"results/{experiment}/ood/{name}.extra.npy"]
+def ood_files(experiment, name):
+    return [f"results/{experiment}/ood/{name}.npy", *extra_probs(experiment, f"ood/{name}")]
 
 
 rule methods:
@@ -35,9 +36,9 @@ rule methods:
     params:
         seeds=lambda wc: " ".join(str(s) for s in seeds(wc.experiment)),
         extras=lambda wc: json.dumps(extra_members(wc.experiment)),
-        shift=lambda wc: json.dumps({c: shift_pair(wc.experiment, c) for c in CORRUPTIONS}),
+        shift=lambda wc: json.dumps({c: shift_files(wc.experiment, c) for c in CORRUPTIONS}),
         sets=json.dumps(shift_sets()),
-        ood=lambda wc: json.dumps({s: ood_pair(wc.experiment, s) for s in OOD_SETS}),
+        ood=lambda wc: json.dumps({s: ood_files(wc.experiment, s) for s in OOD_SETS}),
         tta_views=SPEC.tta.view_count,
         spec=to_json(SPEC.ensemble),
     log:

@@ -28,16 +28,9 @@ rule ood_set:
 rule predict_ood:
     input:
         models=lambda wc: models_of(wc.experiment),
-        extra=lambda wc: extra_weights(wc.experiment),
         set=ood_set_file("{oodset}"),
     output:
-        probs="results/{experiment}/ood/{oodset}.npy",
-        extra="results/{experiment}/ood/{oodset}.extra.npy",  # the extra members' (TTA, snapshots, SWA)
-    params:
-        # what the extra members' probabilities depend on besides their files: which they are, TTA
-        extra=lambda wc: json.dumps(extra_specs(wc.experiment)),
-        tta=lambda wc: tta_params(member_names(wc.experiment)),
-        tta_option=lambda wc: tta_option(member_names(wc.experiment)),
+        "results/{experiment}/ood/{oodset}.npy",
     log:
         "logs/ood/{experiment}/predict_{oodset}.log",
     threads: 1
@@ -48,8 +41,7 @@ rule predict_ood:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "cifar-ensembles predict-ood --set {input.set} --models {input.models} --out {output.probs} "
-        "--extra {params.extra:q} {params.tta_option} --extra-out {output.extra} "
+        "cifar-ensembles predict-ood --set {input.set} --models {input.models} --out {output} "
         "--spec {resources.predict_settings:q} --threads {threads} 2> {log}"
 
 

@@ -25,16 +25,9 @@ rule shift_set:
 rule predict_shift:
     input:
         models=lambda wc: models_of(wc.experiment),
-        extra=lambda wc: extra_weights(wc.experiment),
         set=shift_set_file("{corruption}"),
     output:
-        probs="results/{experiment}/shift/{corruption}.npy",
-        extra="results/{experiment}/shift/{corruption}.extra.npy",  # the extra members' (TTA, snapshots, SWA)
-    params:
-        # what the extra members' probabilities depend on besides their files: which they are, TTA
-        extra=lambda wc: json.dumps(extra_specs(wc.experiment)),
-        tta=lambda wc: tta_params(member_names(wc.experiment)),
-        tta_option=lambda wc: tta_option(member_names(wc.experiment)),
+        "results/{experiment}/shift/{corruption}.npy",
     log:
         "logs/shift/{experiment}/predict_{corruption}.log",
     threads: 1
@@ -45,8 +38,7 @@ rule predict_shift:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "cifar-ensembles predict-shift --set {input.set} --models {input.models} --out {output.probs} "
-        "--extra {params.extra:q} {params.tta_option} --extra-out {output.extra} "
+        "cifar-ensembles predict-shift --set {input.set} --models {input.models} --out {output} "
         "--spec {resources.predict_settings:q} --threads {threads} 2> {log}"
 
 

@@ -36,6 +36,7 @@ from ..files.arrays import (
     load_ood_probs,
     load_probability_array,
     load_shift_probs,
+    load_shift_probs_of_member,
     load_shift_set,
 )
 from ..files.frontier_summary import (
@@ -112,9 +113,9 @@ def _score(group: Group, val, y_val, test, y_test, single_correct, boot, spec: E
 def methods_to_file(experiment: str, data_path, seeds: list[int], val_paths, test_paths,
                     extras: list[tuple[int, str]], extra_val, extra_test, shift: dict, shift_sets: dict,
                     ood: dict, spec: EnsembleSpec, tta_views: int, out) -> MethodsSummary:
-    """`extras`: (seed index, member name) of each extra member, in the order of `extra_val`,
-    `extra_test` and the rows of every `*.extra.npy`; `shift`/`ood`: {name: (final models' file,
-    extra members' file)}, `shift_sets`: {corruption: its set} (for the labels)."""
+    """`extras`: (seed index, member name) of each extra member, in the order of `extra_val` and
+    `extra_test`; `shift`/`ood`: {set: [the final models' probabilities (members x ...), then each
+    extra member's, in that order]}; `shift_sets`: {corruption: its set} (for the labels)."""
     if not (len(seeds) == len(val_paths) == len(test_paths)) or not (
             len(extras) == len(extra_val) == len(extra_test)):
         raise UserError("methods: need one val and one test prediction file per seed and per extra member")
@@ -129,22 +130,25 @@ def methods_to_file(experiment: str, data_path, seeds: list[int], val_paths, tes
     scores = [_score(g, val, y_val, test, y_test, single_correct, boot, spec, tta_views) for g in groups]
 
     def shift_loader(corruption, files):
+        if corruption not in shift_sets or len(files) != 1 + len(extras):
+            raise UserError(f"methods: {corruption}: need its set and one file per extra member")
         labels = load_shift_set(shift_sets[corruption], images=False)["y"]
-        plain, extra = files
 
         def load():
-            a = load_shift_probs(plain, n, len(labels))
-            b = load_shift_probs(extra, len(extras), len(labels)) if extras else a[:0]
-            return np.concatenate([a, b])
+            plain = load_shift_probs(files[0], n, len(labels))
+            members = [load_shift_probs_of_member(path, len(labels), plain.shape[-1]) for path in files[1:]]
+            return np.concatenate([plain, np.stack(members)]) if members else plain
         return load, labels
 
     shift_scores = _shift_scores(groups, {c: shift_loader(c, f) for c, f in shift.items()}, spec.ece_bins)
     ood_probs = {}
-    for name, (plain, extra) in ood.items():
-        images = load_probability_array(plain, 3, "OOD probability array").shape[1]
-        a = load_ood_probs(plain, n, images, test.shape[2])
-        ood_probs[name] = np.concatenate([a, load_ood_probs(extra, len(extras), images, test.shape[2])
-                                          if extras else a[:0]])
+    for name, files in ood.items():
+        if len(files) != 1 + len(extras):
+            raise UserError(f"methods: OOD set {name}: need one file per extra member")
+        images = load_probability_array(files[0], 3, "OOD probability array").shape[1]
+        plain = load_ood_probs(files[0], n, images, test.shape[2])
+        members = [load_ood_probs(path, 1, images, test.shape[2], squeeze=True) for path in files[1:]]
+        ood_probs[name] = np.concatenate([plain, *members])  # each member's: 1 x N x C
     summary = MethodsSummary(
         experiment=experiment, seeds=[int(s) for s in seeds], tta_views=tta_views,
         methods=[MethodScores(**s, shift=shift_scores[i] if shift_scores else None,

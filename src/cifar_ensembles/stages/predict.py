@@ -72,9 +72,13 @@ def predict_to_files(model_path, data_path, split: str, probs_path, metrics_path
 
 
 def predict_member_to_files(member: MemberSpec, tta: TtaSpec | None, data_path, probs_paths: dict[str, str],
-                            metrics_path, spec: PredictSpec, threads: int) -> dict:
+                            metrics_path, spec: PredictSpec, threads: int,
+                            shift: dict[str, tuple[str, str]] | None = None,
+                            ood: dict[str, tuple[str, str]] | None = None) -> dict:
     """One extra member (a snapshot, the SWA average, or a final model with test-time
-    augmentation) on the validation and test splits -> probs per split and one metrics.json."""
+    augmentation) on every set: the validation and test splits (`probs_paths`, one metrics.json),
+    and each corrupted and OOD set ({name: (set file, probabilities file)}). One job per member:
+    adding a member predicts only it."""
     torch.set_num_threads(max(int(threads), 1))
     model, record = load_model(member.weights, member.member)
     keys = [k for split in probs_paths for k in (f"x_{split}", f"y_{split}")]
@@ -83,14 +87,26 @@ def predict_member_to_files(member: MemberSpec, tta: TtaSpec | None, data_path, 
         raise UserError(f"{member.weights}: model was trained on other data than {data_path}")
     views = _views(member, tta)
     metrics, probs = {"member": member.member or "model", "views": len(views or (None,))}, {}
-    for split in probs_paths:
-        probs[split] = _probabilities(member.weights, model, record, data[f"x_{split}"], spec, views)
+    for split, path in probs_paths.items():
+        probs[path] = _probabilities(member.weights, model, record, data[f"x_{split}"], spec, views)
         labels = data[f"y_{split}"]
-        metrics[split] = {"images": int(len(labels)), "accuracy": accuracy(probs[split], labels),
-                          "nll": nll(probs[split], labels)}
-    with all_or_none(*probs_paths.values(), metrics_path):
-        for split, path in probs_paths.items():
-            save_npy(path, probs[split])
+        metrics[split] = {"images": int(len(labels)), "accuracy": accuracy(probs[path], labels),
+                          "nll": nll(probs[path], labels)}
+    for set_path, out in (shift or {}).values():
+        x = load_shift_set(set_path)["x"]  # severities x N x H x W x C
+        _check_channels(member, record, x, set_path)
+        p = _probabilities(member.weights, model, record, x.reshape(-1, *x.shape[2:]), spec, views)
+        probs[out] = p.reshape(*x.shape[:2], -1)
+    if ood:
+        from ..files.ood_data import load_ood_set
+
+        for set_path, out in ood.values():  # the test split's shape
+            images = load_ood_set(set_path)
+            _check_channels(member, record, images, set_path)
+            probs[out] = _probabilities(member.weights, model, record, images, spec, views)
+    with all_or_none(*probs, metrics_path):
+        for path, p in probs.items():
+            save_npy(path, p)
         write_json(metrics_path, metrics)
     return metrics
 
@@ -103,57 +119,40 @@ def _views(member: MemberSpec, tta: TtaSpec | None) -> tuple[View, ...] | None:
     return tta_views(tta)
 
 
-def _members_on(members: list[MemberSpec], tta: TtaSpec | None, images: np.ndarray, set_path,
-                spec: PredictSpec) -> np.ndarray:
+def _check_channels(member: MemberSpec, record: ModelRecord, images: np.ndarray, set_path) -> None:
+    if images.shape[-1] != record.in_channels:
+        raise UserError(f"{member.weights}: the model takes {record.in_channels} channels, {set_path} "
+                        f"has {images.shape[-1]}; rebuild it with: snakemake --forcerun {set_path}")
+
+
+def _members_on(models: list[str], images: np.ndarray, set_path, spec: PredictSpec) -> np.ndarray:
     """Every member's probabilities on `images` (N x H x W x C of the set at `set_path`):
     members x N x C."""
-    out = []
-    for member in members:
-        model, record = load_model(member.weights, member.member)
-        if images.shape[-1] != record.in_channels:
-            raise UserError(f"{member.weights}: the model takes {record.in_channels} channels, {set_path} "
-                            f"has {images.shape[-1]}; rebuild it with: snakemake --forcerun {set_path}")
-        out.append(_probabilities(member.weights, model, record, images, spec, _views(member, tta)))
-    n_classes = out[0].shape[-1] if out else 0
-    return np.stack(out) if out else np.zeros((0, len(images), n_classes), np.float32)
+    members = []
+    for path in models:
+        model, record = load_model(path)
+        _check_channels(MemberSpec(weights=str(path), member=None, tta=False), record, images, set_path)
+        members.append(_probabilities(path, model, record, images, spec))
+    return np.stack(members)
 
 
-def plain_members(models: list[str]) -> list[MemberSpec]:
-    return [MemberSpec(weights=str(path), member=None, tta=False) for path in models]
-
-
-def _save_groups(probs: np.ndarray, n_plain: int, out, extra_out) -> None:
-    """The final models' probabilities to `out`, the extra members' to `extra_out` (both or neither)."""
-    if extra_out is None:
-        save_npy(out, probs)
-        return
-    with all_or_none(out, extra_out):
-        save_npy(out, probs[:n_plain])
-        save_npy(extra_out, probs[n_plain:])
-
-
-def predict_shift(models: list[str], set_path, out, spec: PredictSpec, threads: int,
-                  extra: list[MemberSpec] = (), tta: TtaSpec | None = None, extra_out=None) -> np.ndarray:
+def predict_shift(models: list[str], set_path, out, spec: PredictSpec, threads: int) -> np.ndarray:
     """One experiment's members on one corrupted set -> members x 5 x N x C probabilities in `out`
-    (one job per experiment and corruption: retraining one experiment repredicts only its own);
-    its extra members' (snapshots, SWA, TTA) in `extra_out`, in the order given."""
+    (one job per experiment and corruption: retraining one experiment repredicts only its own)."""
     torch.set_num_threads(max(int(threads), 1))
     x = load_shift_set(set_path)["x"]  # severities x N x H x W x C
-    members = plain_members(models) + list(extra)
-    probs = _members_on(members, tta, x.reshape(-1, *x.shape[2:]), set_path, spec)
-    probs = probs.reshape(len(members), *x.shape[:2], -1)
-    _save_groups(probs, len(models), out, extra_out)
+    probs = _members_on(models, x.reshape(-1, *x.shape[2:]), set_path, spec)
+    probs = probs.reshape(len(models), *x.shape[:2], -1)
+    save_npy(out, probs)
     return probs
 
 
-def predict_ood(models: list[str], set_path, out, spec: PredictSpec, threads: int,
-                extra: list[MemberSpec] = (), tta: TtaSpec | None = None, extra_out=None) -> np.ndarray:
+def predict_ood(models: list[str], set_path, out, spec: PredictSpec, threads: int) -> np.ndarray:
     """One experiment's members on one OOD set -> members x N x C probabilities in `out` (one job
-    per experiment and OOD set: a new set predicts only itself); extra members as predict_shift."""
+    per experiment and OOD set: a new set predicts only itself)."""
     from ..files.ood_data import load_ood_set
 
     torch.set_num_threads(max(int(threads), 1))
-    members = plain_members(models) + list(extra)
-    probs = _members_on(members, tta, load_ood_set(set_path), set_path, spec)  # the test split's shape
-    _save_groups(probs, len(models), out, extra_out)
+    probs = _members_on(models, load_ood_set(set_path), set_path, spec)  # the test split's shape
+    save_npy(out, probs)
     return probs
