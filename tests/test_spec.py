@@ -168,14 +168,19 @@ CHOICES = {
                             augment={"name": "albumentations"}),
     "sam-adam": dict(optimizer={"name": "sam", "base": "adam"}, augment={"name": "torchvision", "pad": 0}),
     "imagenet-resnet": dict(model={"name": "resnet18", "pretrained": True, "input_size": 64}),
+    "restarts-cycle-ends": dict(scheduler={"name": "cosine_restarts", "cycles": 2},
+                                snapshots={"keep": "cycle_ends"}),
+    "last-epochs-swa": dict(snapshots={"keep": "last_epochs"}, swa={"enabled": True, "lr": None}),
+    "swa-lr": dict(swa={"enabled": True, "lr": 0.01}),
 }
 
 
 def training_leaves(tp=TrainingSpec, prefix=()):
-    """Every leaf field of the training spec (a section with a rule of its own is one leaf)."""
+    """Every leaf field of the training spec (result_spec recurses into every section, those
+    with a rule of their own too)."""
     hints = typing.get_type_hints(tp)
     for field in dataclasses.fields(tp):
-        if dataclasses.is_dataclass(hints[field.name]) and unused_rule(tp, field.name) is None:
+        if dataclasses.is_dataclass(hints[field.name]):
             yield from training_leaves(hints[field.name], (*prefix, field.name))
         else:
             yield (*prefix, field.name)
@@ -192,19 +197,15 @@ def declared_unused(spec, path) -> bool:
     return False
 
 
-def perturbed(value):
-    if isinstance(value, dict):  # a whole section under one rule (augment.cutout)
-        key = next(iter(value))
-        return {**value, key: perturbed(value[key])}
-    return changed(value)
-
-
 def test_every_training_field_decides_the_result_unless_its_rule_says_unused():
     """Walk every leaf field of the training spec under every choice: changing it changes the
-    result spec exactly when no rule beside a field on its path says it is unused, and every
-    leaf decides the result under at least one choice (a rule that always holds is a bug)."""
+    result spec exactly when no rule beside a field on its path says it is unused (before or
+    after the change: a switch such as swa.enabled turns its own section on), and every leaf
+    decides the result under at least one choice (a rule that always holds is a bug)."""
     leaves = list(training_leaves())
-    assert ("optimizer", "betas") in leaves and ("augment", "cutout") in leaves and len(leaves) > 30
+    assert ("optimizer", "betas") in leaves and ("augment", "cutout", "holes") in leaves and len(leaves) > 30
+    new = {("scheduler", "cycles"), ("snapshots", "last_epochs"), ("swa", "enabled"), ("swa", "lr")}
+    assert new <= set(leaves)
     deciding = set()
     for choice, overrides in CHOICES.items():
         spec = tiny_spec(**overrides)
@@ -216,11 +217,22 @@ def test_every_training_field_decides_the_result_unless_its_rule_says_unused():
             if isinstance(value, str):
                 deciding.add(path) if not declared_unused(spec, path) else None
                 continue  # names choose the branch; the choices above cover them
-            other = result_spec(from_data(TrainingSpec, with_leaf(base, path, perturbed(value))))
-            used = not declared_unused(spec, path)
-            assert (other != key) == used, f"{'.'.join(path)} under {choice}"
+            other_spec = from_data(TrainingSpec, with_leaf(base, path, changed(value)))
+            used = not (declared_unused(spec, path) and declared_unused(other_spec, path))
+            assert (result_spec(other_spec) != key) == used, f"{'.'.join(path)} under {choice}"
             deciding |= {path} if used else set()
     assert deciding == set(leaves), f"never decide the result: {sorted(set(leaves) - deciding)}"
+
+
+def test_default_result_specs_have_no_trace_of_snapshots_or_swa():
+    """With snapshots and SWA off and no cosine_restarts, both default experiments' result specs
+    are what they were before these fields existed: runs and checkpoints from then stay valid."""
+    spec = validate_config(load_config())
+    for name in ("single_asam", "ensemble_adam"):
+        result = result_spec(spec.experiments[name].training)
+        keys = {key for path in leaf_paths(result) for key in path}
+        assert not keys & {"snapshots", "swa", "cycles", "last_epochs", "start_epoch", "anneal_epochs"}, name
+        assert set(result) == {f.name for f in dataclasses.fields(TrainingSpec)} - {"snapshots", "swa"}, name
 
 
 def test_a_field_without_a_rule_decides_the_result():

@@ -65,6 +65,28 @@ class KeptWeights:
                 "average": self.average.state_dict() if self.average is not None else None,
                 "swa_scheduler": self.swa_scheduler.state_dict() if self.swa_scheduler is not None else None}
 
+    def misfit(self, state, epochs_done: int) -> str | None:
+        """Why a checkpoint's kept weights cannot be this run's after `epochs_done` epochs (None:
+        they fit)."""
+        if (state is None) != (self.state_dict() is None):
+            return "its kept weights do not fit this run"
+        if state is None:
+            return None
+        if not isinstance(state, dict) or set(state) != {"snapshots", "average", "swa_scheduler"}:
+            return "its kept weights are not snapshots, average and swa_scheduler"
+        snapshots = state["snapshots"]
+        if not isinstance(snapshots, dict) or not all(
+                isinstance(k, str) and k.isdigit() and isinstance(v, dict) for k, v in snapshots.items()):
+            return "its snapshots are not weights by epoch"
+        if {int(k) for k in snapshots} != {e for e in self.snapshot_epochs if e <= epochs_done}:
+            return "its snapshots are not those of this run's epochs so far"
+        average = state["average"]
+        if (average is None) != (self.average is None) or not isinstance(average, dict | None):
+            return "its SWA average does not fit this run"
+        if not isinstance(state["swa_scheduler"], dict | None):
+            return "its SWA schedule is not a scheduler state"
+        return None
+
     def prepare_restore(self, state: dict | None) -> None:
         """Before the optimizer's state is restored: SWALR exists when the checkpoint had one
         (creating it writes into the optimizer's param groups, which the restore then overwrites)."""

@@ -118,16 +118,21 @@ class Trainer:
                 and 0 <= ckpt.batch <= self.steps_per_epoch and 0 <= ckpt.epoch <= self.spec.epochs):
             raise DamagedFile(path, "damaged checkpoint (its position does not fit this run)",
                               "delete it to train this model afresh")
-        if (ckpt.kept is None) != (self.kept.state_dict() is None):
-            raise DamagedFile(path, "damaged checkpoint (its kept weights do not fit this run)",
-                              "delete it to train this model afresh")
+        misfit = self.kept.misfit(ckpt.kept, ckpt.epoch)
+        if misfit:
+            raise DamagedFile(path, f"damaged checkpoint ({misfit})", "delete it to train this model afresh")
         parts.model.load_state_dict(ckpt.model)
         self.kept.prepare_restore(ckpt.kept)
         parts.optimizer.load_state_dict(ckpt.optimizer)
         parts.scheduler.load_state_dict(ckpt.scheduler)
         if parts.ema is not None:
             parts.ema.load_state_dict(ckpt.ema)
-        self.kept.load_state_dict(ckpt.kept)
+        try:
+            self.kept.load_state_dict(ckpt.kept)
+        except (RuntimeError, KeyError, TypeError, ValueError) as err:
+            first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise DamagedFile(path, f"damaged checkpoint (its kept weights: {first})",
+                              "delete it to train this model afresh") from None
         torch.set_rng_state(ckpt.torch_rng)
         progress = ckpt.progress
         if ckpt.batch == 0:  # at an epoch boundary: the next epoch starts afresh (its lr, its sums)
