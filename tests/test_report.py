@@ -17,7 +17,7 @@ from conftest import assert_damaged, cli, ensemble_spec, ref_nll
 
 from cifar_ensembles.cli import main
 from cifar_ensembles.config.convert import from_data
-from cifar_ensembles.config.spec import PublishedSpec
+from cifar_ensembles.config.spec import PublishedSpec, RunCostSpec
 from cifar_ensembles.errors import UserError
 from cifar_ensembles.files.ensemble_summary import Comparisons, EnsembleSummary
 from cifar_ensembles.files.records import DamagedFile
@@ -30,6 +30,7 @@ from cifar_ensembles.files.training_run import (
     write_history,
 )
 from cifar_ensembles.stages.ensemble import compare_to_files, ensemble_to_files
+from cifar_ensembles.stages.frontier import frontier_to_file, methods_to_file
 from cifar_ensembles.stages.report import figures as report
 from cifar_ensembles.stages.report import plotting, shift_figures, summary
 
@@ -75,8 +76,9 @@ def case(tmp_path_factory):
     rng = np.random.default_rng(0)
     y_val, y_test = rng.integers(0, C, N_VAL), rng.integers(0, C, N_TEST)
     data = root / "data.npz"
-    np.savez(data, y_val=y_val, y_test=y_test, classes=np.array([f"class{i}" for i in range(C)]))
-    ensembles, runs, test_probs, histories = {}, {}, {}, {}
+    np.savez(data, y_train=rng.integers(0, C, 100), y_val=y_val, y_test=y_test,
+             classes=np.array([f"class{i}" for i in range(C)]))
+    ensembles, runs, test_probs, histories, methods = {}, {}, {}, {}, {}
     for name, seeds in EXPERIMENTS.items():
         folder = root / "results" / name
         folder.mkdir(parents=True)
@@ -97,13 +99,19 @@ def case(tmp_path_factory):
         ensemble_to_files(data, seeds, val_paths, test_paths, ensemble_spec(max_subsets=4, bootstrap=200),
                           folder / "ensemble.csv", folder / "ensemble.json")
         ensembles[name] = str(folder / "ensemble.json")
+        methods[name] = str(folder / "methods.json")
+        methods_to_file(name, data, seeds, val_paths, test_paths, [], [], [], {}, {}, {},
+                        ensemble_spec(bootstrap=200), 1, methods[name])
     comparisons = root / "results" / "comparisons.json"
     compare_to_files(test_probs, data, comparisons)
+    frontier = root / "results" / "frontier.json"
+    frontier_to_file(methods, runs, {name: RunCostSpec(2, 16, 1) for name in methods}, data, frontier)
     solo = root / "results" / "solo" / "history.csv"
     solo.parent.mkdir(parents=True)
     write_history(solo, history_rows(rng, epochs=3))
     return {"root": root, "data": data, "ensembles": ensembles, "runs": runs, "test_probs": test_probs,
             "histories": histories, "solo": str(solo), "comparisons": comparisons, "y_test": y_test,
+            "methods": methods, "frontier": frontier,
             "out": root / "results" / "report"}
 
 
@@ -322,6 +330,8 @@ def summary_args(case, out_md, out_csv, comparisons=None, published=None, ensemb
             "--comparisons", str(comparisons or case["comparisons"]),
             "--published", json.dumps(PUBLISHED if published is None else published),
             "--shift", "{}", "--diversity", "{}", "--ood", "{}", "--selective", "{}",
+            "--frontier", str(case["frontier"]),
+            "--methods", json.dumps({e: case["methods"][e] for e in (ensembles or case["ensembles"])}),
             "--out", str(out_md), str(out_csv)]
 
 

@@ -36,7 +36,7 @@ TINY = TEST_CONFIGS / "cifar10-tiny.yaml"
 TINY_CONFIG = yaml.safe_load(TINY.read_text())
 EXPERIMENTS = {name: TINY_CONFIG["experiments"][name]["seeds"] for name in TINY_CONFIG["run_experiments"]}
 PLOTS = {"plot_training_curves", "plot_ensemble_curve", "plot_reliability", "plot_accuracy", "plot_cost",
-         "plot_shift", "plot_diversity", "plot_selective"}
+         "plot_shift", "plot_diversity", "plot_selective", "plot_frontier"}
 
 
 def write_source(directory: Path, archive: Path, md5: str) -> Path:
@@ -178,7 +178,8 @@ def test_ensemble_setting_reruns_ensembles_and_report(finished_run, tmp_path):
     n = len(EXPERIMENTS)
     assert jobs == {"ensemble": n, "plot_ensemble_curve": n, "plot_reliability": n, "plot_accuracy": 1,
                     "shift_summary": n, "plot_shift": 1, "plot_diversity": n, "selective": n,
-                    "plot_selective": n, "summary": 1, "all": 1}
+                    "plot_selective": n, "methods": n, "frontier": 1, "plot_frontier": 1, "summary": 1,
+                    "all": 1}
 
 
 @pytest.mark.slow
@@ -195,10 +196,10 @@ def test_one_experiment_result_change_reruns_only_that_experiment(finished_run, 
     assert jobs == {"train": seeds, "predict": 2 * seeds, "predict_shift": corruptions, "ensemble": 1,
                     "compare": 1, "shift_summary": 1, "diversity": 1, "plot_training_curves": 1,
                     "plot_ensemble_curve": 1, "plot_reliability": 1, "plot_diversity": 1, "plot_accuracy": 1,
-                    "plot_cost": 1, "plot_shift": 1, "selective": 1, "plot_selective": 1, "summary": 1,
-                    "all": 1}
+                    "plot_cost": 1, "plot_shift": 1, "selective": 1, "plot_selective": 1, "methods": 1,
+                    "frontier": 1, "plot_frontier": 1, "summary": 1, "all": 1}
     per_experiment = {"train", "predict", "predict_shift", "ensemble", "shift_summary", "diversity",
-                      "plot_diversity", "selective", "plot_selective"}
+                      "plot_diversity", "selective", "plot_selective", "methods"}
     theirs = [job.wildcards for job in planned if job.rule in per_experiment]
     assert theirs and all(w["experiment"] == experiment for w in theirs)
 
@@ -228,7 +229,8 @@ def test_data_split_change_reruns_from_prepare(finished_run, tmp_path):
 
 SHIFT_ANALYSIS = {"shift_summary": len(EXPERIMENTS), "diversity": len(EXPERIMENTS), "plot_shift": 1,
                   "plot_diversity": len(EXPERIMENTS), "selective": len(EXPERIMENTS),
-                  "plot_selective": len(EXPERIMENTS), "summary": 1, "all": 1}
+                  "plot_selective": len(EXPERIMENTS), "methods": len(EXPERIMENTS), "frontier": 1,
+                  "plot_frontier": 1, "summary": 1, "all": 1}
 
 
 @pytest.mark.slow

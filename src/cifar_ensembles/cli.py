@@ -23,6 +23,7 @@ from .config.spec import (
     PublishedSpec,
     RunCostSpec,
     RuntimeSpec,
+    ScoringSpec,
     SelectiveSpec,
     ShiftSetSpec,
     SourceSpec,
@@ -198,7 +199,7 @@ def cmd_methods(a) -> None:
     ood = from_json(FILE_LISTS, a.ood, "--ood")
     sets = from_json(FILES_BY_CORRUPTION, a.sets, "--sets")
     methods_to_file(a.experiment, a.data, a.seeds, a.val, a.test, extras, a.extra_val or [],
-                    a.extra_test or [], shift, sets, ood, _spec(EnsembleSpec, a.spec), a.tta_views, a.out)
+                    a.extra_test or [], shift, sets, ood, _spec(ScoringSpec, a.spec), a.tta_views, a.out)
 
 
 def cmd_frontier(a) -> None:
@@ -488,7 +489,7 @@ def _add_frontier_parsers(sub) -> None:
     s.add_argument("--sets", required=True, help="{corruption: its corrupted set}")
     s.add_argument("--ood", required=True, help="{OOD set: [final models' .npy, each extra member's]}")
     s.add_argument("--tta-views", required=True, type=int, help="test-time views of a TTA member")
-    s.add_argument("--spec", required=True, help="the ensemble spec (JSON)")
+    s.add_argument("--spec", required=True, help="{bootstrap, bootstrap_seed, ece_bins} (JSON)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_methods)
 

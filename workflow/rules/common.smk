@@ -280,3 +280,26 @@ def methods_jsons():
 def run_costs():
     """{experiment: what its runs' device-independent training cost depends on}."""
     return to_json({e: SPEC.experiments[e].training.cost for e in EXPERIMENTS})
+
+
+def methods_inputs(wildcards):
+    e = wildcards.experiment
+    return {
+        "data": DATA,
+        "val": [f"{run_dir(e, s)}/probs_val.npy" for s in seeds(e)],
+        "test": [f"{run_dir(e, s)}/probs_test.npy" for s in seeds(e)],
+        "extra_val": extra_probs(e, "probs_val"),
+        "extra_test": extra_probs(e, "probs_test"),
+        "shift": [f for c in CORRUPTIONS for f in shift_files(e, c)],
+        "sets": list(shift_sets().values()),
+        "ood": [f for s in OOD_SETS for f in ood_files(e, s)],
+    }
+
+
+def shift_files(experiment, corruption):
+    """The final models' probabilities on a corrupted set (one file), then each extra member's."""
+    return [f"results/{experiment}/shift/{corruption}.npy", *extra_probs(experiment, f"shift/{corruption}")]
+
+
+def ood_files(experiment, name):
+    return [f"results/{experiment}/ood/{name}.npy", *extra_probs(experiment, f"ood/{name}")]

@@ -5,29 +5,6 @@
 # fronts -> frontier.json. Nothing here predicts: it reads what the predict jobs wrote.
 
 
-def methods_inputs(wildcards):
-    e = wildcards.experiment
-    return {
-        "data": DATA,
-        "val": [f"{run_dir(e, s)}/probs_val.npy" for s in seeds(e)],
-        "test": [f"{run_dir(e, s)}/probs_test.npy" for s in seeds(e)],
-        "extra_val": extra_probs(e, "probs_val"),
-        "extra_test": extra_probs(e, "probs_test"),
-        "shift": [f for c in CORRUPTIONS for f in shift_files(e, c)],
-        "sets": list(shift_sets().values()),
-        "ood": [f for s in OOD_SETS for f in ood_files(e, s)],
-    }
-
-
-def shift_files(experiment, corruption):
-    """The final models' probabilities on a corrupted set (one file), then each extra member's."""
-    return [f"results/{experiment}/shift/{corruption}.npy", *extra_probs(experiment, f"shift/{corruption}")]
-
-
-def ood_files(experiment, name):
-    return [f"results/{experiment}/ood/{name}.npy", *extra_probs(experiment, f"ood/{name}")]
-
-
 rule methods:
     input:
         unpack(methods_inputs),
@@ -40,7 +17,7 @@ rule methods:
         sets=json.dumps(shift_sets()),
         ood=lambda wc: json.dumps({s: ood_files(wc.experiment, s) for s in OOD_SETS}),
         tta_views=SPEC.tta.view_count,
-        spec=to_json(SPEC.ensemble),
+        spec=to_json(SPEC.ensemble.scoring),
     log:
         "logs/frontier/{experiment}_methods.log",
     localrule: True

@@ -333,6 +333,19 @@ class EnsembleSpec:
     bootstrap_seed: Seed
     ece_bins: Annotated[int, Field(ge=2, le=100)]
 
+    @property
+    def scoring(self) -> ScoringSpec:
+        return ScoringSpec(self.bootstrap, self.bootstrap_seed, self.ece_bins)
+
+
+@spec
+class ScoringSpec:
+    """What the methods stage's scores depend on (a slice of EnsembleSpec): the intervals and ECE."""
+
+    bootstrap: Annotated[int, Field(ge=10)]
+    bootstrap_seed: Seed
+    ece_bins: Annotated[int, Field(ge=2, le=100)]
+
 
 CorruptionTransform = Literal["GaussNoise", "ShotNoise", "SaltAndPepper", "Defocus", "MotionBlur",
                               "GlassBlur", "ZoomBlur", "GaussianBlur", "RandomFog",

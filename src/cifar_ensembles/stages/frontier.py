@@ -28,7 +28,7 @@ from ..analysis.metrics import (
     nll,
     temperature_scale,
 )
-from ..config.spec import EnsembleSpec, RunCostSpec
+from ..config.spec import RunCostSpec, ScoringSpec
 from ..errors import UserError
 from ..files import splits
 from ..files.arrays import (
@@ -91,7 +91,7 @@ def _ood_auroc(group: Group, test: np.ndarray, ood: dict[str, np.ndarray]) -> di
     return out
 
 
-def _score(group: Group, val, y_val, test, y_test, single_correct, boot, spec: EnsembleSpec,
+def _score(group: Group, val, y_val, test, y_test, single_correct, boot, spec: ScoringSpec,
            views: int) -> dict:
     vals, tests = _instance_probs(val, group), _instance_probs(test, group)
     correct = np.stack([t.argmax(-1) == y_test for t in tests])
@@ -112,7 +112,7 @@ def _score(group: Group, val, y_val, test, y_test, single_correct, boot, spec: E
 
 def methods_to_file(experiment: str, data_path, seeds: list[int], val_paths, test_paths,
                     extras: list[tuple[int, str]], extra_val, extra_test, shift: dict, shift_sets: dict,
-                    ood: dict, spec: EnsembleSpec, tta_views: int, out) -> MethodsSummary:
+                    ood: dict, spec: ScoringSpec, tta_views: int, out) -> MethodsSummary:
     """`extras`: (seed index, member name) of each extra member, in the order of `extra_val` and
     `extra_test`; `shift`/`ood`: {set: [the final models' probabilities (members x ...), then each
     extra member's, in that order]}; `shift_sets`: {corruption: its set} (for the labels)."""
