@@ -55,7 +55,7 @@ rule predict_member:
         ood=lambda wc: json.dumps({s: [ood_set_file(s), member_file(wc, f"ood/{s}")] for s in OOD_SETS}),
     log:
         "logs/predict/{experiment}/seed{seed}_{member}.log",
-    threads: 2
+    threads: 1  # short jobs, mostly start-up: two at once on a 2-core machine
     resources:
         gpu=1,
         gpu_slots=1,
