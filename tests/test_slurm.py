@@ -28,6 +28,9 @@ from test_workflow import TINY, write_source
 
 PROFILE = ROOT / "profiles" / "slurm" / "profile.yaml"
 LOCAL_PROFILE = ROOT / "profiles" / "default" / "profile.yaml"
+# The rules both profiles give threads (and the SLURM one GPUs and cores): training, of runs
+# that keep snapshots or SWA too, and prediction, of extra members too.
+GPU_RULES = ("train", "train_keeping_members", "predict", "predict_member")
 EXPERIMENT = "exp_sgd"   # one experiment x 2 seeds: each SLURM job costs tens of seconds
 SEEDS = [0, 1]
 TIMEOUT_S = 900
@@ -107,9 +110,9 @@ def make_test_profile(partition: str, directory: Path) -> Path:
     })
     # the local run's threads (profiles/default), so that the results are bitwise equal
     threads = yaml.safe_load(LOCAL_PROFILE.read_text())["set-threads"]
-    profile["set-threads"] = {rule: threads[rule] for rule in ("train", "predict")}
+    profile["set-threads"] = {rule: threads[rule] for rule in GPU_RULES}
     profile["default-resources"].update({"slurm_partition": repr(partition), "mem_mb": 1000, "runtime": 10})
-    for rule in ("train", "predict"):
+    for rule in GPU_RULES:
         profile["set-resources"][rule].update({"cpus_per_gpu": threads[rule], "mem_mb": 1000})
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "profile.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
@@ -189,7 +192,7 @@ def test_slurm_profile_resources(tmp_path, cifar_archive):
     profile = yaml.safe_load(PROFILE.read_text())
     assert profile["executor"] == "slurm"
     assert "cpus_per_task" not in profile["default-resources"], "it would override every rule's threads"
-    for rule in ("train", "predict"):
+    for rule in GPU_RULES:
         assert profile["set-resources"][rule]["cpus_per_gpu"] == profile["set-threads"][rule]
     write_one_experiment(tmp_path, cifar_archive)
     proc = subprocess.run(
