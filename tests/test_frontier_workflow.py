@@ -42,14 +42,16 @@ def test_every_run_keeps_its_members_and_each_is_predicted(run):
             run_dir = workdir / f"results/{experiment}/seed{seed}"
             for name in kept:
                 assert load_member(run_dir / "members.pt", name).state_dict
-            for name in ["tta", *kept]:  # each member on every set, in its own folder
+            for name in ["tta", *kept]:  # each member on the splits, in its own folder
                 metrics = json.loads((run_dir / name / "metrics.json").read_text())
                 assert metrics["views"] == (6 if name == "tta" else 1)
                 assert np.load(run_dir / name / "probs_test.npy").shape == (500, 10)
-                for c in corruptions:
-                    assert np.load(run_dir / name / f"shift/{c}.npy").shape == (5, 500, 10)
-                for s in sets:
-                    assert np.load(run_dir / name / f"ood/{s}.npy").shape == (100, 10)
+        extras = 2 * (1 + len(kept))  # two seeds, each TTA and its kept members
+        results = workdir / "results" / experiment
+        for c in corruptions:
+            assert np.load(results / f"shift/{c}.members.npy").shape == (extras, 5, 500, 10)
+        for s in sets:
+            assert np.load(results / f"ood/{s}.members.npy").shape == (extras, 100, 10)
 
 
 def test_methods_and_frontier_hold_every_method(run):
@@ -82,7 +84,10 @@ def test_a_tta_setting_repredicts_only_the_tta_members_and_what_follows(run, tmp
     _, _, config = run
     jobs = with_change(run, tmp_path, {"tta": {"translate": 1}})
     runs = sum(len(config["experiments"][e]["seeds"]) for e in KEPT)
-    assert jobs == {"predict_member": runs, "methods": len(KEPT), "frontier": 1, "plot_frontier": 1,
+    n, corruptions, sets = len(KEPT), len(config["shift"]["run_corruptions"]), len(config["ood"]["run_sets"])
+    # the final models' predictions and everything that reads only them stay as they are
+    assert jobs == {"predict_member": runs, "predict_shift_members": n * corruptions,
+                    "predict_ood_members": n * sets, "methods": n, "frontier": 1, "plot_frontier": 1,
                     "summary": 1, "all": 1}
 
 
@@ -92,13 +97,19 @@ def test_keeping_one_more_snapshot_retrains_only_that_experiment(run, tmp_path):
     assert jobs["predict_member"] == 2 * 4  # tta, epoch1, epoch2, swa of both seeds
 
 
-def test_a_new_corrupted_set_repredicts_the_extra_members_once_each(run, tmp_path):
+def test_a_new_corrupted_set_predicts_only_itself_for_the_extra_members_too(run, tmp_path):
     _, _, config = run
     corruptions = [*config["shift"]["run_corruptions"], "brightness"]
     jobs = with_change(run, tmp_path, {"shift": {"run_corruptions": corruptions}})
-    members = sum(len(config["experiments"][e]["seeds"]) * (1 + len(k)) for e, k in KEPT.items())
-    assert jobs["shift_set"] == 1 and jobs["predict_shift"] == len(KEPT) and "train" not in jobs
-    assert jobs["predict_member"] == members and "predict" not in jobs
+    n = len(KEPT)
+    assert jobs["shift_set"] == 1 and jobs["predict_shift"] == jobs["predict_shift_members"] == n
+    assert not {"train", "predict", "predict_member", "predict_ood_members"} & set(jobs)
+
+
+def test_removing_a_corrupted_set_repredicts_nothing(run, tmp_path):
+    _, _, config = run
+    jobs = with_change(run, tmp_path, {"shift": {"run_corruptions": config["shift"]["run_corruptions"][:-1]}})
+    assert not [rule for rule in jobs if rule.startswith(("train", "predict"))]
 
 
 def test_the_study_config_keeps_nothing_and_trains_with_the_plain_rule(tmp_path):

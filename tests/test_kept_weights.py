@@ -201,10 +201,13 @@ def test_swa_is_the_mean_of_the_epoch_end_weights_with_batchnorm_recomputed():
     """The average of the parameters at the ends of epochs start_epoch..epochs (the schedule
     runs on: swa.lr null), and BatchNorm statistics recomputed over the unaugmented training
     images with the averaged weights (a cumulative average over batches), not any network's
-    running statistics."""
-    spec = tiny_spec(epochs=4, swa={"enabled": True, "start_epoch": 2, "lr": None})
-    eval_batch = 40  # batches of 40, 40, 16: the cumulative average weighs batches, not images
-    run = fitted(spec, make_data(), 1, cls=EpochEnds, runtime=tiny_runtime(eval_batch_size=eval_batch))
+    running statistics, in batches of the training batch size (a result setting), whatever the
+    runtime's eval_batch_size."""
+    batch = 40  # batches of 40, 40, 16: the cumulative average weighs batches, not images
+    spec = tiny_spec(epochs=4, batch_size=batch, swa={"enabled": True, "start_epoch": 2, "lr": None})
+    run = fitted(spec, make_data(), 1, cls=EpochEnds, runtime=tiny_runtime(eval_batch_size=7))
+    other = fitted(spec, make_data(), 1, runtime=tiny_runtime(eval_batch_size=64))
+    assert_states_equal(run.member_records()["swa"].state_dict, other.member_records()["swa"].state_dict)
     members = run.member_records()
     assert list(members) == ["swa"]
     swa = members["swa"]
@@ -215,7 +218,7 @@ def test_swa_is_the_mean_of_the_epoch_end_weights_with_batchnorm_recomputed():
         assert torch.allclose(swa.state_dict[name].double(), mean, rtol=1e-5, atol=1e-7), name
     assert states_differ({k: swa.state_dict[k] for k in params}, {k: run.ends[4][k] for k in params})
 
-    want = reference_bn_stats(swa.state_dict, spec, run, eval_batch)
+    want = reference_bn_stats(swa.state_dict, spec, run, batch)
     buffers = [k for k in swa.state_dict if k not in params]
     assert sorted(buffers) == sorted(want)
     for k in buffers:

@@ -22,6 +22,7 @@ from cifar_ensembles.files import splits
 from cifar_ensembles.files.atomic import save_npz
 from cifar_ensembles.files.frontier_summary import FRONT_METRICS, Frontier, MethodsSummary
 from cifar_ensembles.files.records import DamagedFile
+from cifar_ensembles.files.training_run import read_benchmark_seconds
 from cifar_ensembles.stages.frontier import frontier_to_file, methods_to_file
 from cifar_ensembles.stages.report.frontier_figures import frontier_lines, plot_frontier
 
@@ -170,11 +171,11 @@ def skilled(rng, labels, members: int, skill: float) -> np.ndarray:
 
 def member_files(root, name: str, probs: np.ndarray, n: int) -> list[str]:
     """As the predict jobs write a set's probabilities: the final models' in one file (members
-    x ...), then one file per extra member."""
-    paths = [str(root / f"{name}.npy")] + [str(root / f"{name}.extra{j}.npy") for j in range(len(probs) - n)]
+    x ...), the extra members' (if any) in another, rows in order."""
+    paths = [str(root / f"{name}.npy")] + ([str(root / f"{name}.members.npy")] if len(probs) > n else [])
     np.save(paths[0], probs[:n])
-    for j, path in enumerate(paths[1:]):
-        np.save(path, probs[n + j])
+    if len(paths) > 1:
+        np.save(paths[1], probs[n:])
     return paths
 
 
@@ -364,8 +365,8 @@ def test_extra_members_file_with_an_image_too_few_is_one_line(world, tmp_path, k
     args = dict(e["args"], ood=e["ood"], out=tmp_path / "methods.json")
     files = list(args[key][kind])
     bad = tmp_path / "bad.npy"
-    np.save(bad, np.load(files[5])[..., :-1, :])  # extra member 4 (seed 1's TTA), one image short
-    files[5] = str(bad)
+    np.save(bad, np.load(files[1])[..., :-1, :])  # the extra members' file, one image short
+    files[1] = str(bad)
     args[key] = {**args[key], kind: files}
     with pytest.raises(DamagedFile) as info:
         methods_to_file(**args)
@@ -374,11 +375,11 @@ def test_extra_members_file_with_an_image_too_few_is_one_line(world, tmp_path, k
 
 
 @pytest.mark.parametrize("key, kind", [("shift", "blur"), ("ood", "near")])
-def test_a_set_without_a_file_per_extra_member_is_refused(world, tmp_path, key, kind):
+def test_a_set_without_the_extra_members_file_is_refused(world, tmp_path, key, kind):
     e = world["experiments"]["big"]
     args = dict(e["args"], ood=e["ood"], out=tmp_path / "methods.json")
     args[key] = {kind: args[key][kind][:-1]}
-    with pytest.raises(UserError, match=f"{kind}.*one file per extra member"):
+    with pytest.raises(UserError, match=f"{kind}.*the extra members' probabilities"):
         methods_to_file(**args)
     assert not (tmp_path / "methods.json").exists()
 
@@ -459,3 +460,18 @@ def test_summary_rows_are_the_best_method_at_each_budget(world, frontier):
     rest = [line for line in lines[start + len(rows):] if line.startswith(("| big ", "| small "))]
     assert len(rest) == sum(1 for e in world["experiments"].values() for m in e["summary"].methods
                             if m.seeds in (1, len(e["seeds"])))
+
+
+def test_pooled_costs_follow_the_configs_seed_order_not_the_numbers(world, tmp_path):
+    """Seeds listed out of order ([11, 2, 10]): the deep ensemble of k pools the first k seeds as
+    listed, so its training seconds are theirs, and the frontier accepts the order."""
+    data = world["data"]
+    order = [11, 2, 10]
+    e = write_experiment(tmp_path / "shuffled", world["data_path"], data, order, [], False, 2)
+    methods = {"shuffled": str(e["path"])}
+    runs = {"shuffled": world["runs"]["big"]}
+    costs = {"shuffled": from_data(RunCostSpec, COSTS["big"], "cost")}
+    frontier = frontier_to_file(methods, runs, costs, world["data_path"], tmp_path / "frontier.json")
+    seconds = {int(s): read_benchmark_seconds(f["benchmark"]) for s, f in runs["shuffled"].items()}
+    pair = next(p for p in frontier.points if p.method == "deep_ensemble" and p.seeds == 2)
+    assert pair.train_seconds == pytest.approx(seconds[11] + seconds[2], abs=1e-3)

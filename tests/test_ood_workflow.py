@@ -54,8 +54,8 @@ def test_a_new_ood_set_predicts_only_itself(run, tmp_path):
     change = {"ood": {"run_sets": [*sets, "more_noise"], "sets": {"more_noise": new}}}
     jobs = with_change(run, tmp_path, change)
     n = len(experiments)
-    # the extra members (TTA, snapshots, SWA: 2 seeds x 3 in each experiment) each predict every set
-    assert jobs == {"ood_set": 1, "predict_ood": n, "predict_member": 12, "ood_summary": n, "plot_ood": 1,
+    # and the experiments' extra members (TTA, snapshots, SWA) on it, a job per experiment
+    assert jobs == {"ood_set": 1, "predict_ood": n, "predict_ood_members": n, "ood_summary": n, "plot_ood": 1,
                     "methods": n, "frontier": 1, "plot_frontier": 1, "summary": 1, "all": 1}
 
 
@@ -72,4 +72,4 @@ def test_a_runtime_change_reruns_no_ood_job(run, tmp_path):
 def test_the_stage_can_be_turned_off(run, tmp_path):
     n = len(run[2])
     assert with_change(run, tmp_path, {"ood": {"run_sets": []}}) == {
-        "predict_member": 12, "methods": n, "frontier": 1, "plot_frontier": 1, "summary": 1, "all": 1}
+        "methods": n, "frontier": 1, "plot_frontier": 1, "summary": 1, "all": 1}

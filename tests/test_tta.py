@@ -305,28 +305,28 @@ def member_alone(member: MemberSpec, spec: TtaSpec | None, images: np.ndarray, b
     return softmax_np(predict_logits(model, images, mean, std, CPU, batch_size, "fp32", views=views))
 
 
-def set_outputs(tmp_path, sets) -> tuple[dict, dict]:
-    return ({"noise": (str(sets["shift"]), str(tmp_path / "shift_noise.npy"))},
-            {"far": (str(sets["ood"]), str(tmp_path / "ood_far.npy"))})
+@pytest.mark.parametrize("kind", ["shift", "ood"])
+def test_extra_members_on_a_set_are_each_member_predicted_alone(run, sets, tmp_path, kind):
+    """predict-shift/predict-ood with members (their own job per experiment and set): row i is
+    member i alone, with its views for a TTA member; the splits are predict-member's job."""
+    predict = {"shift": predict_shift, "ood": predict_ood}[kind]
+    members, views = extras(run), tta("flip_translate", 2)
+    returned = predict(members, sets[kind], tmp_path / "out.npy", predict_spec(batch_size=12), 1, views)
+    out = np.load(tmp_path / "out.npy")
+    np.testing.assert_array_equal(returned, out)
+    x = np.load(sets[kind])["x"]
+    lead = x.shape[:-3]
+    assert out.shape == (len(members), *lead, 10) and out.dtype == np.float32
+    for i, member in enumerate(members):
+        alone = member_alone(member, views, x.reshape(-1, *x.shape[-3:]), 12)
+        np.testing.assert_array_equal(out[i], alone.reshape(*lead, 10))
 
 
 @pytest.mark.parametrize("index", range(3))
-def test_extra_member_on_every_set_is_that_member_predicted_alone(run, sets, tmp_path, index):
-    """One job per member: its corrupted-set file is 5 x N x C and its OOD file N x C, each the
-    member (with its views for TTA) predicted alone on the set's images; the splits as before."""
+def test_extra_member_on_the_splits_is_that_member_predicted_alone(run, tmp_path, index):
     member, spec, views = extras(run)[index], predict_spec(batch_size=12), tta("flip_translate", 2)
-    shift, ood = set_outputs(tmp_path, sets)
     paths = split_paths(tmp_path)
-    metrics = predict_member_to_files(member, views, run["npz"], paths, tmp_path / "m.json", spec, 1,
-                                      shift, ood)
-    x = np.load(sets["shift"])["x"]
-    got = np.load(shift["noise"][1])
-    assert got.shape == (5, 6, 10) and got.dtype == np.float32
-    alone = member_alone(member, views, x.reshape(-1, *x.shape[2:]), 12)
-    np.testing.assert_array_equal(got, alone.reshape(5, 6, 10))
-    got = np.load(ood["far"][1])
-    assert got.shape == (7, 10)
-    np.testing.assert_array_equal(got, member_alone(member, views, np.load(sets["ood"])["x"], 12))
+    metrics = predict_member_to_files(member, views, run["npz"], paths, tmp_path / "m.json", spec, 1)
     for split, path in paths.items():
         alone = member_alone(member, views, run["data"][f"x_{split}"], 12)
         np.testing.assert_array_equal(np.load(path), alone)
@@ -350,33 +350,26 @@ def test_final_models_on_a_set_are_each_model_predicted_alone(run, sets, tmp_pat
         np.testing.assert_array_equal(out[i], alone.reshape(*lead, 10))
 
 
-def test_a_set_the_member_cannot_take_writes_nothing(run, sets, tmp_path):
-    """A gray corrupted set for an RGB model: a user error naming the set, and none of the job's
-    files (splits, metrics, the good OOD set's) is left behind."""
+def test_a_set_the_members_cannot_take_writes_nothing(run, tmp_path):
+    """A gray corrupted set for RGB members: a user error naming the set, no file left behind."""
     gray = tmp_path / "gray.npz"
     save_npz(gray, x=np.zeros((5, 4, 16, 16, 1), np.uint8), y=np.zeros(4, np.int64), index=np.arange(4))
-    paths = split_paths(tmp_path)
-    shift = {"noise": (str(gray), str(tmp_path / "shift_noise.npy"))}
-    _, ood = set_outputs(tmp_path, sets)
     with pytest.raises(UserError, match="gray.npz"):
-        predict_member_to_files(extras(run)[0], None, run["npz"], paths, tmp_path / "m.json", predict_spec(),
-                                1, shift, ood)
+        predict_shift(extras(run), gray, tmp_path / "out.npy", predict_spec(), 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gray.npz"]
 
 
-def cli_args(weights, member, spec, npz, paths, metrics, shift, ood) -> list[str]:
+def cli_args(weights, member, spec, npz, paths, metrics) -> list[str]:
     member_args = ["--member", member] if member else []
     tta_args = ["--tta", to_json(spec)] if spec else []
     return list(map(str, ["predict-member", "--weights", weights, *member_args, *tta_args, "--data", npz,
                           "--val", paths["val"], "--test", paths["test"], "--metrics", metrics,
-                          "--shift", json.dumps(shift), "--ood", json.dumps(ood),
                           "--spec", to_json(predict_spec()), "--threads", "1"]))
 
 
 def test_cli_member_missing_from_members_pt_is_one_line(run, tmp_path):
     paths = split_paths(tmp_path)
-    proc = cli(*cli_args(run["members"], "epoch3", None, run["npz"], paths, tmp_path / "m.json", {}, {}),
-               timeout=120)
+    proc = cli(*cli_args(run["members"], "epoch3", None, run["npz"], paths, tmp_path / "m.json"), timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -385,19 +378,17 @@ def test_cli_member_missing_from_members_pt_is_one_line(run, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_cli_tta_member_writes_what_the_function_writes(run, sets, tmp_path):
+def test_cli_tta_member_writes_what_the_function_writes(run, tmp_path):
     from cifar_ensembles.cli import main
 
     spec = tta("flip_translate", 1)
     member = MemberSpec(weights=str(run["models"][1]), member=None, tta=True)
     a, b = tmp_path / "a", tmp_path / "b"
-    predict_member_to_files(member, spec, run["npz"], split_paths(a), a / "m.json", predict_spec(), 1,
-                            *set_outputs(a, sets))
-    assert main(cli_args(member.weights, None, spec, run["npz"], split_paths(b), b / "m.json",
-                         *set_outputs(b, sets))) == 0
+    predict_member_to_files(member, spec, run["npz"], split_paths(a), a / "m.json", predict_spec(), 1)
+    assert main(cli_args(member.weights, None, spec, run["npz"], split_paths(b), b / "m.json")) == 0
     names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir()) == sorted(
-        ["m.json", "probs_val.npy", "probs_test.npy", "shift_noise.npy", "ood_far.npy"])
+    expected = sorted(["m.json", "probs_val.npy", "probs_test.npy"])
+    assert names == sorted(p.name for p in b.iterdir()) == expected
     for name in names:
         if name.endswith(".npy"):
             np.testing.assert_array_equal(np.load(a / name), np.load(b / name))

@@ -43,8 +43,7 @@ FILES_BY_CORRUPTION = dict[str, str]  # {corruption: file}
 FILES_BY_SET = dict[str, str]  # {OOD set: file, or its kind}
 RUN_FILES = dict[str, dict[str, dict[str, str]]]  # {experiment: {seed: {benchmark: tsv, history: csv}}}
 PROBS_BY_SEED = dict[str, dict[str, str]]  # {experiment: {seed: probs_test.npy}}
-FILE_PAIRS = dict[str, tuple[str, str]]  # {set: (its set file, the probabilities file)}
-FILE_LISTS = dict[str, list[str]]  # {set: [final models' probabilities, each extra member's]}
+FILE_LISTS = dict[str, list[str]]  # {set: [final models' probabilities, and the extra members']}
 
 
 def _files(tp, text: str, option: str):
@@ -116,10 +115,7 @@ def cmd_predict_member(a) -> None:
     member = from_data(MemberSpec, {"weights": a.weights, "member": a.member, "tta": a.tta is not None}, "")
     claim_gpu_for_job(spec.device, None, jobs_per_gpu=SLOTS)
     tta = _spec(TtaSpec, a.tta, "--tta") if a.tta is not None else None
-    shift = from_json(FILE_PAIRS, a.shift, "--shift")
-    ood = from_json(FILE_PAIRS, a.ood, "--ood")
-    predict_member_to_files(member, tta, a.data, {"val": a.val, "test": a.test}, a.metrics, spec, a.threads,
-                            shift, ood)
+    predict_member_to_files(member, tta, a.data, {"val": a.val, "test": a.test}, a.metrics, spec, a.threads)
 
 
 def cmd_ensemble(a) -> None:
@@ -147,9 +143,13 @@ def cmd_predict_members(a) -> None:
     from .stages import predict
 
     spec = _spec(PredictSpec, a.spec)
+    models = a.models if a.models else from_json(list[MemberSpec], a.members, "--members")
+    if not models:
+        raise UserError("--members: names no member")
+    tta = _spec(TtaSpec, a.tta, "--tta") if a.tta else None
     claim_gpu_for_job(spec.device, None, jobs_per_gpu=SLOTS)  # one slot, as predict
     {"predict-shift": predict.predict_shift, "predict-ood": predict.predict_ood}[a.command](
-        a.models, a.set, a.out, spec, a.threads)
+        models, a.set, a.out, spec, a.threads, tta)
 
 
 def cmd_shift(a) -> None:
@@ -406,8 +406,6 @@ def _add_model_parsers(sub) -> None:
     s.add_argument("--val", required=True, help="probabilities on the validation split (.npy)")
     s.add_argument("--test", required=True, help="probabilities on the test split (.npy)")
     s.add_argument("--metrics", required=True)
-    s.add_argument("--shift", required=True, help="{corruption: [its set, probabilities .npy]} (JSON)")
-    s.add_argument("--ood", required=True, help="{OOD set: [its set, probabilities .npy]} (JSON)")
     s.add_argument("--spec", required=True, help="{device, batch_size} (JSON)")
     s.add_argument("--threads", required=True, type=int)
     s.set_defaults(func=cmd_predict_member)
@@ -434,7 +432,10 @@ def _add_ensemble_parsers(sub) -> None:
 def _add_members_parser(sub, name: str, help_text: str) -> None:
     s = sub.add_parser(name, help=help_text)
     s.add_argument("--set", required=True)
-    s.add_argument("--models", required=True, nargs="+", help="model.pt per seed, in seed order")
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--models", nargs="+", help="model.pt per seed, in seed order")
+    which.add_argument("--members", help="extra members [{weights, member, tta}] (JSON), in order")
+    s.add_argument("--tta", help="the tta spec (JSON), for members with tta: true")
     s.add_argument("--out", required=True)
     s.add_argument("--spec", required=True, help="{device, batch_size} (JSON)")
     s.add_argument("--threads", required=True, type=int)
@@ -485,9 +486,9 @@ def _add_frontier_parsers(sub) -> None:
     s.add_argument("--extras", required=True, help="[[seed index, member name], ...] (JSON), in order")
     s.add_argument("--extra-val", nargs="*", help="probs_val.npy per extra member, in order")
     s.add_argument("--extra-test", nargs="*", help="probs_test.npy per extra member, in order")
-    s.add_argument("--shift", required=True, help="{corruption: [final models' .npy, each extra member's]}")
+    s.add_argument("--shift", required=True, help="{corruption: [final models' .npy, extra members' .npy]}")
     s.add_argument("--sets", required=True, help="{corruption: its corrupted set}")
-    s.add_argument("--ood", required=True, help="{OOD set: [final models' .npy, each extra member's]}")
+    s.add_argument("--ood", required=True, help="{OOD set: [final models' .npy, extra members' .npy]}")
     s.add_argument("--tta-views", required=True, type=int, help="test-time views of a TTA member")
     s.add_argument("--spec", required=True, help="{bootstrap, bootstrap_seed, ece_bins} (JSON)")
     s.add_argument("--out", required=True)

@@ -227,13 +227,9 @@ def kept_names(experiment):
     return [f"epoch{e}" for e in training.snapshot_epochs] + (["swa"] if training.swa.enabled else [])
 
 
-def keeps_members(experiment):
-    return bool(kept_names(experiment))
-
-
 def experiments_pattern(keep):
     """The experiments whose runs write members.pt (keep=True), or those that do not."""
-    chosen = [e for e in EXPERIMENTS if keeps_members(e) == keep]
+    chosen = [e for e in EXPERIMENTS if SPEC.experiments[e].training.keeps_members == keep]
     return "|".join(chosen) or NEVER
 
 
@@ -246,22 +242,27 @@ def extra_members(experiment):
     return [(i, name) for i, _ in enumerate(seeds(experiment)) for name in member_names(experiment)]
 
 
-def member_spec(experiment, seed, name):
-    """A MemberSpec (JSON-ready) of one extra member: its weights and whether it uses TTA."""
-    run = run_dir(experiment, seed)
-    if name == "tta":
-        return {"weights": f"{run}/model.pt", "member": None, "tta": True}
-    return {"weights": f"{run}/members.pt", "member": name, "tta": False}
+def member_weights(experiment, seed, name):
+    """The file an extra member's weights are in: the final model's (TTA) or members.pt."""
+    return f"{run_dir(experiment, seed)}/{'model' if name == 'tta' else 'members'}.pt"
 
 
-def extra_probs(experiment, what):
-    """Each extra member's probabilities (row order) on `what`: probs_val, probs_test, shift/<c>, ood/<s>."""
-    return [f"{run_dir(experiment, seeds(experiment)[i])}/{name}/{what}.npy"
+def extra_specs(experiment):
+    """Every extra member as a MemberSpec (JSON-ready), in row order."""
+    return [{"weights": member_weights(experiment, seeds(experiment)[i], name),
+             "member": None if name == "tta" else name, "tta": name == "tta"}
             for i, name in extra_members(experiment)]
 
 
-def member_file(wildcards, what):
-    return f"{run_dir(wildcards.experiment, wildcards.seed)}/{wildcards.member}/{what}.npy"
+def extra_weights(experiment):
+    """The files the extra members' weights are in, each once."""
+    return sorted({m["weights"] for m in extra_specs(experiment)})
+
+
+def extra_probs(experiment, split):
+    """Each extra member's probabilities on a split (probs_val, probs_test), in row order."""
+    return [f"{run_dir(experiment, seeds(experiment)[i])}/{name}/{split}.npy"
+            for i, name in extra_members(experiment)]
 
 
 def tta_params(names):
@@ -297,9 +298,11 @@ def methods_inputs(wildcards):
 
 
 def shift_files(experiment, corruption):
-    """The final models' probabilities on a corrupted set (one file), then each extra member's."""
-    return [f"results/{experiment}/shift/{corruption}.npy", *extra_probs(experiment, f"shift/{corruption}")]
+    """The final models' probabilities on a corrupted set, then the extra members' (if any)."""
+    members = [f"results/{experiment}/shift/{corruption}.members.npy"] if extra_members(experiment) else []
+    return [f"results/{experiment}/shift/{corruption}.npy", *members]
 
 
 def ood_files(experiment, name):
-    return [f"results/{experiment}/ood/{name}.npy", *extra_probs(experiment, f"ood/{name}")]
+    members = [f"results/{experiment}/ood/{name}.members.npy"] if extra_members(experiment) else []
+    return [f"results/{experiment}/ood/{name}.npy", *members]

@@ -92,3 +92,31 @@ rule selective:
         "cifar-ensembles selective --experiment {wildcards.experiment} --summary {input.summary} "
         "--test {input.test} --data {input.data} --shift {params.shift:q} --sets {params.sets:q} "
         "--spec {params.spec:q} --out {output} 2> {log}"
+
+
+# The experiment's extra members (TTA, snapshots, SWA; docs/study.md 5.11) on one OOD set, in
+# the row order of extra_members: a job of their own, so that a TTA setting repredicts only
+# these and the final models' probabilities stay as they are. Only experiments with extra
+# members ask for it.
+rule predict_ood_members:
+    input:
+        weights=lambda wc: extra_weights(wc.experiment),
+        set=ood_set_file("{oodset}"),
+    output:
+        "results/{experiment}/ood/{oodset}.members.npy",
+    params:
+        members=lambda wc: json.dumps(extra_specs(wc.experiment)),
+        tta=lambda wc: tta_params(member_names(wc.experiment)),
+        tta_option=lambda wc: tta_option(member_names(wc.experiment)),
+    log:
+        "logs/ood/{experiment}/predict_{oodset}_members.log",
+    threads: 1
+    resources:
+        gpu=1,
+        gpu_slots=1,  # one of a GPU's 8 slots, as predict
+        predict_settings=lambda wc: predict_settings(wc.experiment),
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "cifar-ensembles predict-ood --set {input.set} --members {params.members:q} {params.tta_option} "
+        "--out {output} --spec {resources.predict_settings:q} --threads {threads} 2> {log}"

@@ -26,33 +26,23 @@ rule predict:
 
 
 # An extra member of a run (docs/study.md 5.11): its final model with test-time augmentation
-# (`tta`), a kept snapshot (`epochN`) or its SWA average (`swa`), on every set in one job: val,
-# test, each corrupted set and each OOD set. Each member is its own job and files: adding one
-# predicts only it; TTA's settings are params of the TTA jobs only. (A new corrupted or OOD set
-# repredicts every extra member: one model load each, instead of a job per member and set.)
-MEMBER_DIR = "results/{experiment}/seed{seed}/{member}"
-
-
+# (`tta`), a kept snapshot (`epochN`) or its SWA average (`swa`), on val and test: one job and
+# its own files per member. TTA's settings are params of the TTA jobs only. (The corrupted and
+# OOD sets: one job per experiment and set for all its extra members, in shift.smk and ood.smk.)
 rule predict_member:
     wildcard_constraints:
         member=r"tta|swa|epoch\d+",
     input:
-        weights=lambda wc: member_spec(wc.experiment, wc.seed, wc.member)["weights"],
+        weights=lambda wc: member_weights(wc.experiment, int(wc.seed), wc.member),
         data=DATA,
-        shift=list(shift_sets().values()),
-        ood=list(ood_sets().values()),
     output:
-        val=f"{MEMBER_DIR}/probs_val.npy",
-        test=f"{MEMBER_DIR}/probs_test.npy",
-        metrics=f"{MEMBER_DIR}/metrics.json",
-        shift=[f"{MEMBER_DIR}/shift/{c}.npy" for c in CORRUPTIONS],
-        ood=[f"{MEMBER_DIR}/ood/{s}.npy" for s in OOD_SETS],
+        val="results/{experiment}/seed{seed}/{member}/probs_val.npy",
+        test="results/{experiment}/seed{seed}/{member}/probs_test.npy",
+        metrics="results/{experiment}/seed{seed}/{member}/metrics.json",
     params:
         tta=lambda wc: tta_params([wc.member]),
         member=lambda wc: "" if wc.member == "tta" else f"--member {wc.member}",
         tta_option=lambda wc: tta_option([wc.member]),
-        shift=lambda wc: json.dumps({c: [shift_set_file(c), member_file(wc, f"shift/{c}")] for c in CORRUPTIONS}),
-        ood=lambda wc: json.dumps({s: [ood_set_file(s), member_file(wc, f"ood/{s}")] for s in OOD_SETS}),
     log:
         "logs/predict/{experiment}/seed{seed}_{member}.log",
     threads: 1  # short jobs, mostly start-up: two at once on a 2-core machine
@@ -65,5 +55,4 @@ rule predict_member:
     shell:
         "cifar-ensembles predict-member --weights {input.weights} {params.member} {params.tta_option} "
         "--data {input.data} --val {output.val} --test {output.test} --metrics {output.metrics} "
-        "--shift {params.shift:q} --ood {params.ood:q} --spec {resources.predict_settings:q} "
-        "--threads {threads} 2> {log}"
+        "--spec {resources.predict_settings:q} --threads {threads} 2> {log}"

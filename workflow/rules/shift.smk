@@ -83,3 +83,31 @@ rule diversity:
     shell:
         "cifar-ensembles diversity --seeds {params.seeds} --test {input.test} --data {input.data} "
         "--shift {params.shift:q} --sets {params.sets:q} --out {output} 2> {log}"
+
+
+# The experiment's extra members (TTA, snapshots, SWA; docs/study.md 5.11) on one corrupted set, in
+# the row order of extra_members: a job of their own, so that a TTA setting repredicts only
+# these and the final models' probabilities stay as they are. Only experiments with extra
+# members ask for it.
+rule predict_shift_members:
+    input:
+        weights=lambda wc: extra_weights(wc.experiment),
+        set=shift_set_file("{corruption}"),
+    output:
+        "results/{experiment}/shift/{corruption}.members.npy",
+    params:
+        members=lambda wc: json.dumps(extra_specs(wc.experiment)),
+        tta=lambda wc: tta_params(member_names(wc.experiment)),
+        tta_option=lambda wc: tta_option(member_names(wc.experiment)),
+    log:
+        "logs/shift/{experiment}/predict_{corruption}_members.log",
+    threads: 1
+    resources:
+        gpu=1,
+        gpu_slots=1,  # one of a GPU's 8 slots, as predict
+        predict_settings=lambda wc: predict_settings(wc.experiment),
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "cifar-ensembles predict-shift --set {input.set} --members {params.members:q} {params.tta_option} "
+        "--out {output} --spec {resources.predict_settings:q} --threads {threads} 2> {log}"

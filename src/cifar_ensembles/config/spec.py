@@ -192,6 +192,11 @@ class TrainingSpec:
         return ()
 
     @property
+    def keeps_members(self) -> bool:
+        """Whether a run writes members.pt: it keeps snapshots or an SWA average."""
+        return bool(self.snapshot_epochs) or self.swa.enabled
+
+    @property
     def cost(self) -> RunCostSpec:
         return RunCostSpec(self.epochs, self.batch_size, 2 if self.optimizer.name in ("sam", "asam") else 1)
 
@@ -324,14 +329,18 @@ class MemberSpec:
     tta: bool
 
 
+Resamples = Annotated[int, Field(ge=10)]
+EceBins = Annotated[int, Field(ge=2, le=100)]
+
+
 @spec
 class EnsembleSpec:
     method: Literal["soft", "hard"]
     max_subsets: PositiveInt
     subset_seed: Seed
-    bootstrap: Annotated[int, Field(ge=10)]
+    bootstrap: Resamples
     bootstrap_seed: Seed
-    ece_bins: Annotated[int, Field(ge=2, le=100)]
+    ece_bins: EceBins
 
     @property
     def scoring(self) -> ScoringSpec:
@@ -342,9 +351,9 @@ class EnsembleSpec:
 class ScoringSpec:
     """What the methods stage's scores depend on (a slice of EnsembleSpec): the intervals and ECE."""
 
-    bootstrap: Annotated[int, Field(ge=10)]
+    bootstrap: Resamples
     bootstrap_seed: Seed
-    ece_bins: Annotated[int, Field(ge=2, le=100)]
+    ece_bins: EceBins
 
 
 CorruptionTransform = Literal["GaussNoise", "ShotNoise", "SaltAndPepper", "Defocus", "MotionBlur",

@@ -101,24 +101,13 @@ def load_shift_set(path, images: bool = True) -> dict[str, np.ndarray]:
     return data
 
 
-def load_ood_probs(path, members: int, images: int, classes: int, squeeze: bool = False) -> np.ndarray:
+def load_ood_probs(path, members: int, images: int, classes: int) -> np.ndarray:
     """An experiment's probabilities on one OOD set: members x N x C, checked against the
-    members, the set's images and the test split's classes (`squeeze`: one member's, N x C)."""
-    probs = load_probability_array(path, 2 if squeeze else 3, "OOD probability array")
-    if squeeze:
-        probs = probs[None]
+    members, the set's images and the test split's classes."""
+    probs = load_probability_array(path, 3, "OOD probability array")
     if probs.shape != (members, images, classes):
         raise DamagedFile(path, f"damaged OOD probabilities (shape {probs.shape}, expected {members} members "
                                 f"x {images} images x {classes} classes)")
-    return probs
-
-
-def load_shift_probs_of_member(path, images: int, classes: int) -> np.ndarray:
-    """One extra member's probabilities on one corrupted set: 5 x N x C, checked."""
-    probs = load_probability_array(path, 3)
-    if probs.shape != (len(SEVERITIES), images, classes):
-        raise DamagedFile(path, f"damaged shift probabilities (shape {probs.shape}, expected "
-                                f"{len(SEVERITIES)} x {images} x {classes})")
     return probs
 
 

@@ -36,7 +36,6 @@ from ..files.arrays import (
     load_ood_probs,
     load_probability_array,
     load_shift_probs,
-    load_shift_probs_of_member,
     load_shift_set,
 )
 from ..files.frontier_summary import (
@@ -113,9 +112,10 @@ def _score(group: Group, val, y_val, test, y_test, single_correct, boot, spec: S
 def methods_to_file(experiment: str, data_path, seeds: list[int], val_paths, test_paths,
                     extras: list[tuple[int, str]], extra_val, extra_test, shift: dict, shift_sets: dict,
                     ood: dict, spec: ScoringSpec, tta_views: int, out) -> MethodsSummary:
-    """`extras`: (seed index, member name) of each extra member, in the order of `extra_val` and
-    `extra_test`; `shift`/`ood`: {set: [the final models' probabilities (members x ...), then each
-    extra member's, in that order]}; `shift_sets`: {corruption: its set} (for the labels)."""
+    """`extras`: (seed index, member name) of each extra member, in the order of `extra_val`,
+    `extra_test` and the rows of the extra members' files; `shift`/`ood`: {set: [the final
+    models' probabilities, the extra members' (when there are any)]} (members x ... x C each);
+    `shift_sets`: {corruption: its set} (for the labels)."""
     if not (len(seeds) == len(val_paths) == len(test_paths)) or not (
             len(extras) == len(extra_val) == len(extra_test)):
         raise UserError("methods: need one val and one test prediction file per seed and per extra member")
@@ -130,25 +130,28 @@ def methods_to_file(experiment: str, data_path, seeds: list[int], val_paths, tes
     scores = [_score(g, val, y_val, test, y_test, single_correct, boot, spec, tta_views) for g in groups]
 
     def shift_loader(corruption, files):
-        if corruption not in shift_sets or len(files) != 1 + len(extras):
-            raise UserError(f"methods: {corruption}: need its set and one file per extra member")
+        if corruption not in shift_sets or len(files) != 1 + bool(extras):
+            raise UserError(f"methods: {corruption}: need its set, the final models' and the extra members' "
+                            "probabilities")
         labels = load_shift_set(shift_sets[corruption], images=False)["y"]
 
         def load():
             plain = load_shift_probs(files[0], n, len(labels))
-            members = [load_shift_probs_of_member(path, len(labels), plain.shape[-1]) for path in files[1:]]
-            return np.concatenate([plain, np.stack(members)]) if members else plain
+            if not extras:
+                return plain
+            return np.concatenate([plain, load_shift_probs(files[1], len(extras), len(labels))])
         return load, labels
 
     shift_scores = _shift_scores(groups, {c: shift_loader(c, f) for c, f in shift.items()}, spec.ece_bins)
     ood_probs = {}
     for name, files in ood.items():
-        if len(files) != 1 + len(extras):
-            raise UserError(f"methods: OOD set {name}: need one file per extra member")
+        if len(files) != 1 + bool(extras):
+            raise UserError(f"methods: OOD set {name}: need the final models' and the extra members' "
+                            "probabilities")
         images = load_probability_array(files[0], 3, "OOD probability array").shape[1]
         plain = load_ood_probs(files[0], n, images, test.shape[2])
-        members = [load_ood_probs(path, 1, images, test.shape[2], squeeze=True) for path in files[1:]]
-        ood_probs[name] = np.concatenate([plain, *members])  # each member's: 1 x N x C
+        ood_probs[name] = np.concatenate([plain, load_ood_probs(files[1], len(extras), images, test.shape[2])
+                                          ]) if extras else plain
     summary = MethodsSummary(
         experiment=experiment, seeds=[int(s) for s in seeds], tta_views=tta_views,
         methods=[MethodScores(**s, shift=shift_scores[i] if shift_scores else None,
@@ -159,9 +162,9 @@ def methods_to_file(experiment: str, data_path, seeds: list[int], val_paths, tes
 
 
 # ------------------------------------------------------------------ the frontier
-def _run_seconds(runs: dict[str, dict[str, str]]) -> list[float]:
-    """Per seed (seed order): the training job's seconds."""
-    return [read_benchmark_seconds(runs[seed]["benchmark"]) for seed in sorted(runs, key=int)]
+def _run_seconds(runs: dict[str, dict[str, str]], seeds: list[int]) -> list[float]:
+    """The training jobs' seconds in the order of `seeds` (the config's: pooled methods take the first k)."""
+    return [read_benchmark_seconds(runs[str(seed)]["benchmark"]) for seed in seeds]
 
 
 def frontier_to_file(methods: dict[str, str], runs: dict[str, dict[str, dict[str, str]]],
@@ -174,10 +177,10 @@ def frontier_to_file(methods: dict[str, str], runs: dict[str, dict[str, dict[str
         summary = MethodsSummary.load(path)
         if experiment not in runs or experiment not in costs:
             raise UserError(f"frontier: no runs or cost spec for experiment {experiment!r}")
-        if sorted(runs[experiment], key=int) != [str(s) for s in summary.seeds]:
+        if set(runs[experiment]) != {str(s) for s in summary.seeds}:
             raise UserError(f"{path}: seeds {summary.seeds} differ from the runs given for {experiment}")
         per_run = costs[experiment].train_passes(train_images)
-        seconds = _run_seconds(runs[experiment])
+        seconds = _run_seconds(runs[experiment], summary.seeds)
         for m in summary.methods:
             runs_used = seconds[:m.seeds] if m.seeds > 1 else seconds
             cost_seconds = float(np.sum(runs_used)) if m.seeds > 1 else float(np.mean(runs_used))

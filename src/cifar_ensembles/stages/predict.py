@@ -72,13 +72,9 @@ def predict_to_files(model_path, data_path, split: str, probs_path, metrics_path
 
 
 def predict_member_to_files(member: MemberSpec, tta: TtaSpec | None, data_path, probs_paths: dict[str, str],
-                            metrics_path, spec: PredictSpec, threads: int,
-                            shift: dict[str, tuple[str, str]] | None = None,
-                            ood: dict[str, tuple[str, str]] | None = None) -> dict:
+                            metrics_path, spec: PredictSpec, threads: int) -> dict:
     """One extra member (a snapshot, the SWA average, or a final model with test-time
-    augmentation) on every set: the validation and test splits (`probs_paths`, one metrics.json),
-    and each corrupted and OOD set ({name: (set file, probabilities file)}). One job per member:
-    adding a member predicts only it."""
+    augmentation) on the validation and test splits -> probs per split and one metrics.json."""
     torch.set_num_threads(max(int(threads), 1))
     model, record = load_model(member.weights, member.member)
     keys = [k for split in probs_paths for k in (f"x_{split}", f"y_{split}")]
@@ -92,18 +88,6 @@ def predict_member_to_files(member: MemberSpec, tta: TtaSpec | None, data_path, 
         labels = data[f"y_{split}"]
         metrics[split] = {"images": int(len(labels)), "accuracy": accuracy(probs[path], labels),
                           "nll": nll(probs[path], labels)}
-    for set_path, out in (shift or {}).values():
-        x = load_shift_set(set_path)["x"]  # severities x N x H x W x C
-        _check_channels(member, record, x, set_path)
-        p = _probabilities(member.weights, model, record, x.reshape(-1, *x.shape[2:]), spec, views)
-        probs[out] = p.reshape(*x.shape[:2], -1)
-    if ood:
-        from ..files.ood_data import load_ood_set
-
-        for set_path, out in ood.values():  # the test split's shape
-            images = load_ood_set(set_path)
-            _check_channels(member, record, images, set_path)
-            probs[out] = _probabilities(member.weights, model, record, images, spec, views)
     with all_or_none(*probs, metrics_path):
         for path, p in probs.items():
             save_npy(path, p)
@@ -125,34 +109,43 @@ def _check_channels(member: MemberSpec, record: ModelRecord, images: np.ndarray,
                         f"has {images.shape[-1]}; rebuild it with: snakemake --forcerun {set_path}")
 
 
-def _members_on(models: list[str], images: np.ndarray, set_path, spec: PredictSpec) -> np.ndarray:
+def _as_member(model: str | os.PathLike | MemberSpec) -> MemberSpec:
+    """A final model's path as a member (its model.pt, no TTA), or the member itself."""
+    return model if isinstance(model, MemberSpec) else MemberSpec(weights=str(model), member=None, tta=False)
+
+
+def _members_on(models: list, images: np.ndarray, set_path, spec: PredictSpec,
+                tta: TtaSpec | None) -> np.ndarray:
     """Every member's probabilities on `images` (N x H x W x C of the set at `set_path`):
     members x N x C."""
-    members = []
-    for path in models:
-        model, record = load_model(path)
-        _check_channels(MemberSpec(weights=str(path), member=None, tta=False), record, images, set_path)
-        members.append(_probabilities(path, model, record, images, spec))
-    return np.stack(members)
+    out = []
+    for member in map(_as_member, models):
+        model, record = load_model(member.weights, member.member)
+        _check_channels(member, record, images, set_path)
+        out.append(_probabilities(member.weights, model, record, images, spec, _views(member, tta)))
+    return np.stack(out)
 
 
-def predict_shift(models: list[str], set_path, out, spec: PredictSpec, threads: int) -> np.ndarray:
+def predict_shift(models: list, set_path, out, spec: PredictSpec, threads: int,
+                  tta: TtaSpec | None = None) -> np.ndarray:
     """One experiment's members on one corrupted set -> members x 5 x N x C probabilities in `out`
-    (one job per experiment and corruption: retraining one experiment repredicts only its own)."""
+    (one job per experiment and corruption: retraining one experiment repredicts only its own).
+    `models`: model.pt paths (the final models), or MemberSpecs (its extra members, another job)."""
     torch.set_num_threads(max(int(threads), 1))
     x = load_shift_set(set_path)["x"]  # severities x N x H x W x C
-    probs = _members_on(models, x.reshape(-1, *x.shape[2:]), set_path, spec)
+    probs = _members_on(models, x.reshape(-1, *x.shape[2:]), set_path, spec, tta)
     probs = probs.reshape(len(models), *x.shape[:2], -1)
     save_npy(out, probs)
     return probs
 
 
-def predict_ood(models: list[str], set_path, out, spec: PredictSpec, threads: int) -> np.ndarray:
+def predict_ood(models: list, set_path, out, spec: PredictSpec, threads: int,
+                tta: TtaSpec | None = None) -> np.ndarray:
     """One experiment's members on one OOD set -> members x N x C probabilities in `out` (one job
-    per experiment and OOD set: a new set predicts only itself)."""
+    per experiment and OOD set: a new set predicts only itself); `models` as predict_shift's."""
     from ..files.ood_data import load_ood_set
 
     torch.set_num_threads(max(int(threads), 1))
-    probs = _members_on(models, load_ood_set(set_path), set_path, spec)  # the test split's shape
+    probs = _members_on(models, load_ood_set(set_path), set_path, spec, tta)  # the test split's shape
     save_npy(out, probs)
     return probs

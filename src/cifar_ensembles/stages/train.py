@@ -51,7 +51,7 @@ def train_to_files(spec: TrainingSpec, runtime: RuntimeSpec, data: dict, seed: i
                                                       if k != "device"))
     history = trainer.fit(checkpoint, resume=False)
     members = trainer.member_records()
-    keeps = bool(spec.snapshot_epochs) or spec.swa.enabled
+    keeps = spec.keeps_members
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = ["model.pt", "history.csv", "run.yaml"] + (["members.pt"] if keeps else [])
     # all or none: a failed write (a full disk) leaves no model.pt that looks finished

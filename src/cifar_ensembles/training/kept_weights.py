@@ -106,7 +106,9 @@ class KeptWeights:
     def swa_model(self, images, mean, std, device: torch.device, batch_size: int,
                   channels_last: bool) -> nn.Module:
         """The averaged network with BatchNorm statistics recomputed over `images` (the training
-        split, unaugmented, in order: deterministic), in float32."""
+        split, unaugmented, in order: deterministic), in float32, in batches of `batch_size`: the
+        statistics are the mean over batches of each batch's (train-mode BatchNorm normalizes
+        every layer's input by its batch), so the training batch size, a result setting."""
         module = self.average.module
         with torch.no_grad():
             update_bn(normalized_batches(images, mean, std, device, batch_size, channels_last), module)

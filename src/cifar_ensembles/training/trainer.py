@@ -296,8 +296,9 @@ class Trainer:
         have held then) and, with SWA, the average (`swa`, BatchNorm statistics recomputed)."""
         members = {name: self.model_record(state) for name, state in self.kept.members().items()}
         if self.kept.average is not None:
+            # at the training batch size (a result setting: BatchNorm's batch statistics depend on it)
             swa = self.kept.swa_model(self.data["x_train"], self.mean, self.std, self.device,
-                                      self.runtime.eval_batch_size, self.runtime.channels_last)
+                                      self.spec.batch_size, self.runtime.channels_last)
             members["swa"] = self.model_record(swa.state_dict(), ema=False)
         return members
 
