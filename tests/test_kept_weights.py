@@ -519,6 +519,8 @@ def test_members_at_the_edges_of_the_epochs_are_valid(tmp_path):
 @pytest.mark.parametrize("override, key", [
     ({"tta": {"translate": 0}}, "tta.translate"),
     ({"tta": {"views": "rotate"}}, "tta.views"),
+    ({"tta": {"experiments": ["single_asm"]}}, "tta.experiments"),
+    ({"tta": {"experiments": ["single_asam", "single_asam"]}}, "tta.experiments"),
     ({"training": {"snapshots": {"keep": "all"}}}, "training.snapshots.keep"),
     ({"experiments": {"single_asam": {"snapshots": {"keep": "all"}}}},
      "experiments.single_asam.snapshots.keep"),

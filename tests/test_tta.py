@@ -35,7 +35,8 @@ CPU = torch.device("cpu")
 
 
 def tta(views: str = "flip", translate: int = 2, enabled: bool = True) -> TtaSpec:
-    return from_data(TtaSpec, {"enabled": enabled, "views": views, "translate": translate}, "tta")
+    spec = {"enabled": enabled, "views": views, "translate": translate, "experiments": None}
+    return from_data(TtaSpec, spec, "tta")
 
 
 # ------------------------------------------------------------------ views

@@ -234,7 +234,7 @@ def experiments_pattern(keep):
 
 
 def member_names(experiment):
-    return (["tta"] if SPEC.tta.enabled else []) + kept_names(experiment)
+    return (["tta"] if SPEC.tta.applies_to(experiment) else []) + kept_names(experiment)
 
 
 def extra_members(experiment):
@@ -266,8 +266,8 @@ def extra_probs(experiment, split):
 
 
 def tta_params(names):
-    """What TTA predictions depend on (result_spec of `tta`), when `names` include TTA; else nothing."""
-    return json.dumps(result_spec(SPEC.tta), sort_keys=True) if "tta" in names else ""
+    """What TTA predictions depend on (the views), when `names` include TTA; else nothing."""
+    return json.dumps(SPEC.tta.result, sort_keys=True) if "tta" in names else ""
 
 
 def tta_option(names):

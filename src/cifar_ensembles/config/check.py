@@ -114,6 +114,11 @@ def check_semantics(config: dict, spec: WorkflowSpec) -> None:
     if spec.selected_corruptions and baseline is not None and baseline not in spec.selected:
         raise UserError(f"shift.baseline: {baseline!r} is not among the experiments this run builds "
                         f"({', '.join(spec.selected)}); name one of them, or null for no corruption error")
+    for name in spec.tta.experiments or ():
+        if name not in spec.experiments:
+            raise UserError(f"tta.experiments: {name!r} is not an experiment in the config"
+                            f"{did_you_mean(name, spec.experiments)} "
+                            f"(experiments: {', '.join(spec.experiments)})")
     _check_ood(spec)
     _check_split(spec)
 

@@ -426,17 +426,27 @@ class OodSetSpec:
 
 @spec
 class TtaSpec:
-    """Test-time augmentation: what the TTA predictions of every final model average over."""
+    """Test-time augmentation: what the TTA predictions of the final models average over, and
+    of which experiments' final models."""
 
     enabled: bool
-    views: Annotated[Literal["flip", "flip_translate"], UnusedWhen(lambda t: not t.enabled)]
-    translate: Annotated[int, Field(ge=1, le=8),
-                         UnusedWhen(lambda t: not t.enabled or t.views != "flip_translate")]
+    views: Literal["flip", "flip_translate"]
+    translate: Annotated[int, Field(ge=1, le=8)]
+    experiments: Annotated[tuple[str, ...] | None, AfterValidator(_unique), Unique]  # null: every one
 
     @property
     def view_count(self) -> int:
         """Forward passes per image (transforms.tta.tta_views lists them)."""
         return 1 if not self.enabled else 2 if self.views == "flip" else 6
+
+    def applies_to(self, experiment: str) -> bool:
+        return self.enabled and (self.experiments is None or experiment in self.experiments)
+
+    @property
+    def result(self) -> dict:
+        """What a TTA prediction depends on: the views (and their shift)."""
+        shift = {"translate": self.translate} if self.views == "flip_translate" else {}
+        return {"views": self.views, **shift}
 
 
 Severity = Annotated[int, Field(ge=1, le=5)]
