@@ -23,6 +23,9 @@ rule train:
     benchmark:
         "results/{experiment}/seed{seed}/benchmark.tsv"
     threads: 4
+    # Training is the long pole: whenever a core (or GPU slot) frees up, a training job goes
+    # first, and the short prediction and analysis jobs fill in around it.
+    priority: 10
     resources:
         gpu=1,
         # A GPU has 8 slots; a job takes 8 / runtime.jobs_per_gpu of them (1, 2, 4 or 8 jobs
