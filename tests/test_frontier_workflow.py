@@ -118,3 +118,13 @@ def test_the_study_config_keeps_nothing_and_trains_with_the_plain_rule(tmp_path)
     jobs = planned_jobs(tmp_path, [ROOT / "config.yaml"])
     assert jobs["train"] == 12 and "train_keeping_members" not in jobs and "predict_member" not in jobs
     assert jobs["methods"] == 2 and jobs["frontier"] == 1
+
+
+def test_tta_for_fewer_experiments_reruns_only_the_one_that_loses_it(run, tmp_path):
+    """tta.experiments [adam]: sam's extra members lose their TTA rows (its set jobs and methods
+    rerun); adam's TTA jobs depend on the views alone, so nothing of adam's reruns."""
+    _, _, config = run
+    planned = with_change(run, tmp_path, {"tta": {"experiments": ["adam"]}})
+    corruptions, sets = len(config["shift"]["run_corruptions"]), len(config["ood"]["run_sets"])
+    assert planned == {"predict_shift_members": corruptions, "predict_ood_members": sets, "methods": 1,
+                       "frontier": 1, "plot_frontier": 1, "summary": 1, "all": 1}

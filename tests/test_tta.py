@@ -361,7 +361,7 @@ def test_a_set_the_members_cannot_take_writes_nothing(run, tmp_path):
 
 
 def cli_args(weights, member, spec, npz, paths, metrics) -> list[str]:
-    member_args = ["--member", member] if member else []
+    member_args = ["--member", member or "tta"]
     tta_args = ["--tta", to_json(spec)] if spec else []
     return list(map(str, ["predict-member", "--weights", weights, *member_args, *tta_args, "--data", npz,
                           "--val", paths["val"], "--test", paths["test"], "--metrics", metrics,

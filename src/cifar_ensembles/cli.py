@@ -112,7 +112,9 @@ def cmd_predict_member(a) -> None:
     from .stages.predict import predict_member_to_files
 
     spec = _spec(PredictSpec, a.spec)
-    member = from_data(MemberSpec, {"weights": a.weights, "member": a.member, "tta": a.tta is not None}, "")
+    tta = a.member == "tta"
+    member = from_data(MemberSpec, {"weights": a.weights, "member": None if tta else a.member, "tta": tta},
+                       "--member")
     claim_gpu_for_job(spec.device, None, jobs_per_gpu=SLOTS)
     tta = _spec(TtaSpec, a.tta, "--tta") if a.tta is not None else None
     predict_member_to_files(member, tta, a.data, {"val": a.val, "test": a.test}, a.metrics, spec, a.threads)
@@ -399,9 +401,9 @@ def _add_model_parsers(sub) -> None:
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("predict-member", help="an extra member (snapshot, SWA, TTA) on val and test")
-    s.add_argument("--weights", required=True, help="model.pt, or members.pt with --member")
-    s.add_argument("--member", help="swa or epochN of members.pt (absent: --weights is a model.pt)")
-    s.add_argument("--tta", help="the tta spec (JSON): predict with test-time augmentation")
+    s.add_argument("--weights", required=True, help="model.pt (--member tta), or members.pt")
+    s.add_argument("--member", required=True, help="tta (model.pt with test-time views), swa or epochN")
+    s.add_argument("--tta", help="the tta spec (JSON), for --member tta")
     s.add_argument("--data", required=True)
     s.add_argument("--val", required=True, help="probabilities on the validation split (.npy)")
     s.add_argument("--test", required=True, help="probabilities on the test split (.npy)")

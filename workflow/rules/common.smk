@@ -1,7 +1,6 @@
 # Helpers shared by the stage files: config validation, experiment resolution, paths.
 import json
 import os
-import shlex
 import sys
 
 # albumentations asks PyPI for updates on import unless told not to (offline clusters).
@@ -215,10 +214,11 @@ def published(experiment=None):
 
 
 # ----------------------------------------------------------------------------- methods
-# Extra members of a run besides its final model: its TTA predictions (tta.enabled), its kept
-# snapshots (`epochN`) and its SWA average (`swa`), in that order, seed by seed. Each is
-# predicted on val and test as its own job and file; the shift and OOD jobs predict them
-# with the final models and write them to a second file, rows in this order.
+# Extra members of a run besides its final model: its TTA predictions (tta.enabled and the
+# experiment in tta.experiments), its kept snapshots (`epochN`) and its SWA average (`swa`),
+# in that order, seed by seed. Each is predicted on val and test as its own job and file; on
+# the corrupted and OOD sets one job per experiment and set (predict_shift_members,
+# predict_ood_members) writes them all to <set>.members.npy, rows in this order.
 NEVER = "(?!x)x"  # a wildcard constraint nothing matches
 
 
@@ -270,8 +270,9 @@ def tta_params(names):
     return json.dumps(SPEC.tta.result, sort_keys=True) if "tta" in names else ""
 
 
-def tta_option(names):
-    return f"--tta {shlex.quote(to_json(SPEC.tta))}" if "tta" in names else ""
+def tta_spec():
+    """The whole tta spec, for the jobs (a resource: their params hold only what they depend on)."""
+    return to_json(SPEC.tta)
 
 
 def methods_jsons():

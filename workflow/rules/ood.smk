@@ -107,7 +107,6 @@ rule predict_ood_members:
     params:
         members=lambda wc: json.dumps(extra_specs(wc.experiment)),
         tta=lambda wc: tta_params(member_names(wc.experiment)),
-        tta_option=lambda wc: tta_option(member_names(wc.experiment)),
     log:
         "logs/ood/{experiment}/predict_{oodset}_members.log",
     threads: 1
@@ -115,8 +114,9 @@ rule predict_ood_members:
         gpu=1,
         gpu_slots=1,  # one of a GPU's 8 slots, as predict
         predict_settings=lambda wc: predict_settings(wc.experiment),
+        tta_spec=tta_spec(),
     conda:
         "../../envs/torch.yaml"
     shell:
-        "cifar-ensembles predict-ood --set {input.set} --members {params.members:q} {params.tta_option} "
+        "cifar-ensembles predict-ood --set {input.set} --members {params.members:q} --tta {resources.tta_spec:q} "
         "--out {output} --spec {resources.predict_settings:q} --threads {threads} 2> {log}"

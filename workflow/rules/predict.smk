@@ -41,8 +41,6 @@ rule predict_member:
         metrics="results/{experiment}/seed{seed}/{member}/metrics.json",
     params:
         tta=lambda wc: tta_params([wc.member]),
-        member=lambda wc: "" if wc.member == "tta" else f"--member {wc.member}",
-        tta_option=lambda wc: tta_option([wc.member]),
     log:
         "logs/predict/{experiment}/seed{seed}_{member}.log",
     threads: 1  # short jobs, mostly start-up: two at once on a 2-core machine
@@ -50,9 +48,11 @@ rule predict_member:
         gpu=1,
         gpu_slots=1,
         predict_settings=lambda wc: predict_settings(wc.experiment),
+        tta_spec=tta_spec(),
     conda:
         "../../envs/torch.yaml"
     shell:
-        "cifar-ensembles predict-member --weights {input.weights} {params.member} {params.tta_option} "
+        "cifar-ensembles predict-member --weights {input.weights} --member {wildcards.member} "
+        "--tta {resources.tta_spec:q} "
         "--data {input.data} --val {output.val} --test {output.test} --metrics {output.metrics} "
         "--spec {resources.predict_settings:q} --threads {threads} 2> {log}"

@@ -1,4 +1,6 @@
-"""The predict stage: class probabilities of one trained model on one split, with accuracy and NLL."""
+"""The predict stages: class probabilities, with accuracy and NLL, of a final model on one
+split, of an extra member (snapshot, SWA, TTA) on val and test, and of an experiment's final
+models or extra members on one corrupted or OOD set."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from ..models import build_model
 from ..transforms.tta import View, tta_views
 
 # Predictions are computed in float32 whatever precision training used: the probabilities
-# are then the network's, not bf16's rounding of them, and cost one pass per split.
+# are then the network's, not bf16's rounding of them, and cost one pass per split and view.
 PREDICT_PRECISION = "fp32"
 
 
