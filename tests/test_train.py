@@ -651,7 +651,9 @@ def assert_same_run(out_dir: Path, ckpt: Path, run) -> None:
 POINTS = {"first-batch": 1, "middle": CLI_STEPS // 2, "last-batch": CLI_STEPS}
 
 
-@pytest.mark.parametrize("point", list(POINTS))
+# Every position within an epoch is resumed in process (test_resume_mid_epoch_after_signal_is_bit_exact);
+# through the command, what a real process adds: its exit code and a kill with no handler.
+@pytest.mark.parametrize("point", ["middle"])
 def test_cli_sigterm_mid_epoch_exits_75_and_resumes_bit_exact(cli_run, tmp_path, point):
     batch = POINTS[point]
     ckpt, out = tmp_path / "ckpt" / "run.ckpt", tmp_path / "out"
@@ -669,7 +671,7 @@ def test_cli_sigterm_mid_epoch_exits_75_and_resumes_bit_exact(cli_run, tmp_path,
     assert_same_run(out, ckpt, cli_run)
 
 
-@pytest.mark.parametrize("point", list(POINTS))
+@pytest.mark.parametrize("point", ["first-batch", "last-batch"])
 def test_cli_sigkill_mid_epoch_resumes_from_the_last_checkpoint_bit_exact(cli_run, tmp_path, point):
     """With a checkpoint after every step (checkpoint_every_minutes), a kill loses only the step
     in flight; the rerun replays it and ends as the uninterrupted run."""
