@@ -101,11 +101,11 @@ def load_shift_set(path, images: bool = True) -> dict[str, np.ndarray]:
     return data
 
 
-def load_ood_probs(path, members: int, images: int, classes: int) -> np.ndarray:
+def load_ood_probs(path, members: int, images: int | None, classes: int) -> np.ndarray:
     """An experiment's probabilities on one OOD set: members x N x C, checked against the
-    members, the set's images and the test split's classes."""
+    members, the set's images (None: whatever the file holds) and the test split's classes."""
     probs = load_probability_array(path, 3, "OOD probability array")
-    if probs.shape != (members, images, classes):
+    if probs.shape != (members, probs.shape[1] if images is None else images, classes):
         raise DamagedFile(path, f"damaged OOD probabilities (shape {probs.shape}, expected {members} members "
                                 f"x {images} images x {classes} classes)")
     return probs

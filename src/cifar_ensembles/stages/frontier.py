@@ -34,7 +34,6 @@ from ..files import splits
 from ..files.arrays import (
     load_members,
     load_ood_probs,
-    load_probability_array,
     load_shift_probs,
     load_shift_set,
 )
@@ -82,12 +81,12 @@ def _shift_scores(groups: list[Group], shift: dict, n_bins: int) -> list[ShiftSc
 
 def _ood_auroc(group: Group, test: np.ndarray, ood: dict[str, np.ndarray]) -> dict[str, float]:
     """Per OOD set, the mean over instances of the AUROC of the averaged prediction's entropy."""
-    out = {}
-    for name, probs in ood.items():
-        values = [u.auroc(-u.entropy(t), -u.entropy(o))
-                  for t, o in zip(_instance_probs(test, group), _instance_probs(probs, group))]
-        out[name] = float(np.mean(values))
-    return out
+    if not ood:
+        return {}
+    confidence_in = [-u.entropy(t) for t in _instance_probs(test, group)]  # once for every set
+    return {name: float(np.mean([u.auroc(c, -u.entropy(o))
+                                 for c, o in zip(confidence_in, _instance_probs(probs, group))]))
+            for name, probs in ood.items()}
 
 
 def _score(group: Group, val, y_val, test, y_test, single_correct, boot, spec: ScoringSpec,
@@ -148,10 +147,9 @@ def methods_to_file(experiment: str, data_path, seeds: list[int], val_paths, tes
         if len(files) != 1 + bool(extras):
             raise UserError(f"methods: OOD set {name}: need the final models' and the extra members' "
                             "probabilities")
-        images = load_probability_array(files[0], 3, "OOD probability array").shape[1]
-        plain = load_ood_probs(files[0], n, images, test.shape[2])
-        ood_probs[name] = np.concatenate([plain, load_ood_probs(files[1], len(extras), images, test.shape[2])
-                                          ]) if extras else plain
+        plain = load_ood_probs(files[0], n, None, test.shape[2])  # the final models' file sets the count
+        ood_probs[name] = np.concatenate([plain, load_ood_probs(files[1], len(extras), plain.shape[1],
+                                                                test.shape[2])]) if extras else plain
     summary = MethodsSummary(
         experiment=experiment, seeds=[int(s) for s in seeds], tta_views=tta_views,
         methods=[MethodScores(**s, shift=shift_scores[i] if shift_scores else None,
