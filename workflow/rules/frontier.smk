@@ -16,7 +16,8 @@ rule methods:
         shift=lambda wc: json.dumps({c: shift_files(wc.experiment, c) for c in CORRUPTIONS}),
         sets=json.dumps(shift_sets()),
         ood=lambda wc: json.dumps({s: ood_files(wc.experiment, s) for s in OOD_SETS}),
-        tta_views=SPEC.tta.view_count,
+        # the views of this experiment's TTA members (1 without: another's TTA reruns nothing here)
+        tta_views=lambda wc: SPEC.tta.view_count if SPEC.tta.applies_to(wc.experiment) else 1,
         spec=to_json(SPEC.ensemble.scoring),
     log:
         "logs/frontier/{experiment}_methods.log",
